@@ -1,0 +1,84 @@
+"""The per-symbol tick window and the slot the feed merges it into (DESIGN.md "The window").
+
+The feed calls ``WindowSlot.put`` for every ticker; it never blocks. The engine calls
+``await slot.take()``, which waits until at least one tick is pending and then swaps the
+whole window out, so no delivered price extreme is skipped however slow the engine is.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+import attrs
+import trio
+
+
+@attrs.frozen
+class TickWindow:
+    """Every ticker of one symbol delivered between two takes, conflated."""
+
+    low: Decimal
+    high: Decimal
+    last: Decimal
+    count: int
+    first_trade_id: int
+    last_trade_id: int
+    first_time: datetime
+    last_time: datetime
+
+    @classmethod
+    def of(cls, price: Decimal, trade_id: int, time: datetime) -> TickWindow:
+        return cls(price, price, price, 1, trade_id, trade_id, time, time)
+
+    def merge(self, price: Decimal, trade_id: int, time: datetime) -> TickWindow:
+        """The window extended by one later tick."""
+        return TickWindow(
+            low=min(self.low, price),
+            high=max(self.high, price),
+            last=price,
+            count=self.count + 1,
+            first_trade_id=self.first_trade_id,
+            last_trade_id=trade_id,
+            first_time=self.first_time,
+            last_time=time,
+        )
+
+
+class WindowSlot:
+    """One symbol's pending window: the feed puts, the engine takes.
+
+    Created by the supervisor, so that a restarted feed or engine finds the same slot.
+    """
+
+    def __init__(self, symbol: str) -> None:
+        self.symbol = symbol
+        self._pending: TickWindow | None = None
+        self._ready = trio.Event()
+        self.last_price: Decimal | None = None
+        self.last_time: datetime | None = None
+
+    def put(self, price: Decimal, trade_id: int, time: datetime) -> None:
+        """Merge one ticker into the pending window and wake the engine. Never blocks."""
+        if self._pending is None:
+            self._pending = TickWindow.of(price, trade_id, time)
+        else:
+            self._pending = self._pending.merge(price, trade_id, time)
+        self.last_price = price
+        self.last_time = time
+        self._ready.set()
+
+    def take_nowait(self) -> TickWindow | None:
+        """Swap out the pending window (None when no tick arrived since the last take)."""
+        window, self._pending = self._pending, None
+        if self._ready.is_set():
+            self._ready = trio.Event()
+        return window
+
+    async def take(self) -> TickWindow:
+        """Wait until at least one tick is pending, then swap the whole window out."""
+        while True:
+            window = self.take_nowait()
+            if window is not None:
+                return window
+            await self._ready.wait()
