@@ -82,3 +82,22 @@ class WindowSlot:
             if window is not None:
                 return window
             await self._ready.wait()
+
+
+class WindowSlots:
+    """Every symbol's slot, created on first use and kept for the life of the process."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, WindowSlot] = {}
+
+    def get(self, symbol: str) -> WindowSlot:
+        slot = self._slots.get(symbol)
+        if slot is None:
+            slot = self._slots[symbol] = WindowSlot(symbol)
+        return slot
+
+    def peek(self, symbol: str) -> WindowSlot | None:
+        return self._slots.get(symbol)
+
+    def symbols(self) -> list[str]:
+        return list(self._slots)
