@@ -1,0 +1,82 @@
+"""JSON on the wire: positions and event messages, with exact decimals.
+
+Prices are ``Decimal`` end to end; here they become JSON numbers written from the exact
+decimal (``65000.5``, never ``65000.499999999``), and JSON read back parses numbers as
+``Decimal``. Every HTTP body and WebSocket message goes through ``dumps``/``loads``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from tickguard.actors.messages import EventSource, EventType, Position
+
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+def plain_decimal(value: Decimal) -> Decimal:
+    """The same number without trailing zeros or an exponent (NUMERIC(18,8) pads to 8 places)."""
+    if value == value.to_integral_value():
+        return value.quantize(Decimal(1))
+    return Decimal(format(value.normalize(), "f"))
+
+
+def iso_millis(moment: datetime) -> str:
+    """ISO 8601 UTC with milliseconds and a ``Z``: ``2026-11-24T10:15:30.123Z``."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _price(value: Decimal | None) -> Decimal | None:
+    return None if value is None else plain_decimal(value)
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else iso_millis(value)
+
+
+def position_to_json(p: Position) -> dict[str, Any]:
+    """The API's Position object (camelCase), ready for ``dumps``."""
+    return {
+        "id": str(p.id),
+        "userId": p.user_id,
+        "symbol": p.symbol,
+        "side": p.side,
+        "entryPrice": plain_decimal(p.entry_price),
+        "takeProfit": _price(p.take_profit),
+        "stopLoss": _price(p.stop_loss),
+        "status": p.status,
+        "closePrice": _price(p.close_price),
+        "closeReason": p.close_reason,
+        "createdAt": iso_millis(p.created_at),
+        "updatedAt": iso_millis(p.updated_at),
+        "closedAt": _time(p.closed_at),
+        "triggeredAt": _time(p.triggered_at),
+    }
+
+
+def event_message(type_: EventType, source: EventSource, seq: int, position: Position) -> str:
+    """The WebSocket text of one committed event (what the outbox stores and fanout sends)."""
+    body = {"type": type_, "source": source, "seq": seq, "position": position_to_json(position)}
+    return _encoder.encode(body).decode()
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes; Decimal values are written as JSON numbers."""
+    return _encoder.encode(obj)
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON with every non-integer number as an exact Decimal (never a float).
+
+    Raises ``ValueError`` for text that is not JSON.
+    """
+    return json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON value")
