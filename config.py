@@ -1,0 +1,300 @@
+"""tickguard's configuration: read once from the environment and a ``.env`` file, validated,
+and handed down as one frozen ``Settings`` value.
+
+This is the only module that reads environment variables; everything else receives
+``Settings``. A bad value stops start-up with a ``ConfigError`` that names the variable.
+The variables and their defaults are DESIGN.md's Configuration table; ``deploy/.env.example``
+lists exactly ``KNOWN_VARIABLES``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import attrs
+from dotenv import dotenv_values
+
+KNOWN_VARIABLES: tuple[str, ...] = (
+    "PORT",
+    "HOST",
+    "DATABASE_URL",
+    "TICKGUARD_DATA_DIR",
+    "CORS_ORIGIN",
+    "COINBASE_WS_URL",
+    "COINBASE_PRODUCTS",
+    "WS_RECONNECT_BASE_MS",
+    "WS_RECONNECT_MAX_MS",
+    "WS_HEARTBEAT_TIMEOUT_MS",
+    "MAX_OPEN_POSITIONS_PER_USER",
+    "SHUTDOWN_GRACE_MS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+)
+
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
+
+# A millisecond setting beyond a day is a typo (seconds written as ms twice, an extra zero...).
+_MAX_MS = 86_400_000
+
+_INTEGER = re.compile(r"-?[0-9]+")
+_PRODUCT = re.compile(r"[A-Z0-9]+-[A-Z0-9]+")
+# An Origin header is scheme://host[:port], nothing more: a path or trailing slash never matches.
+_ORIGIN = re.compile(
+    r"https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:(?P<port>[0-9]+))?"
+)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """One or more configuration values are invalid; each problem names its variable.
+
+    ``problems`` holds one message per bad variable; ``str()`` joins them, one per line.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: tuple[str, ...] = tuple(problems)
+
+
+def _redact_url(url: str | None) -> str:
+    return "None" if url is None else repr(_url_without_password(url))
+
+
+@attrs.frozen
+class Settings:
+    """The validated configuration, one value for the whole process.
+
+    ``database_url`` None means "start the embedded PostgreSQL in ``data_dir``". Its repr
+    never shows the database password, so a logged ``Settings`` leaks no secret.
+    """
+
+    port: int = 8080
+    host: str = "127.0.0.1"
+    database_url: str | None = attrs.field(default=None, repr=_redact_url)
+    data_dir: Path = attrs.field(factory=lambda: _default_data_dir({}))
+    cors_origins: tuple[str, ...] = ("http://localhost:5173",)
+    coinbase_ws_url: str = "wss://ws-feed.exchange.coinbase.com"
+    coinbase_products: tuple[str, ...] = ("BTC-USD",)
+    ws_reconnect_base_ms: int = 1000
+    ws_reconnect_max_ms: int = 30000
+    ws_heartbeat_timeout_ms: int = 5000
+    max_open_positions_per_user: int = 1000
+    shutdown_grace_ms: int = 10000
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def describe_database(self) -> str:
+        """Where the data lives, safe to log: the URL without its password, or the embedded
+        server's directory."""
+        if self.database_url is None:
+            return f"embedded PostgreSQL in {self.data_dir}"
+        return _url_without_password(self.database_url)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> Settings:
+    """Read and validate every variable of ``KNOWN_VARIABLES``.
+
+    ``environ`` defaults to the process environment; ``env_file`` (skipped when None or
+    missing) supplies values the environment does not set — the real environment wins.
+    An empty value counts as unset and takes the default. ``.env`` values are taken
+    literally (no ``${VAR}`` interpolation). Raises ``ConfigError`` listing every bad
+    variable; never returns a partly valid ``Settings``.
+    """
+    if environ is None:
+        environ = os.environ
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        for key, value in dotenv_values(env_file, interpolate=False).items():
+            if value is not None:
+                merged[key] = value
+    merged.update(environ)
+    return _Reader(merged).settings()
+
+
+class _Reader:
+    """Parses one merged mapping into ``Settings``, collecting every problem before raising."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+        self._problems: list[str] = []
+
+    def _raw(self, name: str) -> str | None:
+        value = self._values.get(name, "").strip()
+        return value or None
+
+    def _get(self, name: str, default: T, parse: Callable[[str, str], T]) -> T:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            return parse(name, raw)
+        except _Invalid as problem:
+            self._problems.append(str(problem))
+            return default
+
+    def settings(self) -> Settings:
+        defaults = Settings(data_dir=_default_data_dir(self._values))
+        base = self._get("WS_RECONNECT_BASE_MS", defaults.ws_reconnect_base_ms, _milliseconds)
+        most = self._get("WS_RECONNECT_MAX_MS", defaults.ws_reconnect_max_ms, _milliseconds)
+        settings = Settings(
+            port=self._get("PORT", defaults.port, _port),
+            host=self._get("HOST", defaults.host, _host),
+            database_url=self._get("DATABASE_URL", defaults.database_url, _database_url),
+            data_dir=self._get("TICKGUARD_DATA_DIR", defaults.data_dir, _directory),
+            cors_origins=self._get("CORS_ORIGIN", defaults.cors_origins, _origins),
+            coinbase_ws_url=self._get("COINBASE_WS_URL", defaults.coinbase_ws_url, _ws_url),
+            coinbase_products=self._get("COINBASE_PRODUCTS", defaults.coinbase_products, _products),
+            ws_reconnect_base_ms=base,
+            ws_reconnect_max_ms=most,
+            ws_heartbeat_timeout_ms=self._get(
+                "WS_HEARTBEAT_TIMEOUT_MS", defaults.ws_heartbeat_timeout_ms, _milliseconds
+            ),
+            max_open_positions_per_user=self._get(
+                "MAX_OPEN_POSITIONS_PER_USER", defaults.max_open_positions_per_user, _cap
+            ),
+            shutdown_grace_ms=self._get(
+                "SHUTDOWN_GRACE_MS", defaults.shutdown_grace_ms, _milliseconds
+            ),
+            log_level=self._get("LOG_LEVEL", defaults.log_level, _choice(LOG_LEVELS)),
+            log_format=self._get("LOG_FORMAT", defaults.log_format, _choice(LOG_FORMATS)),
+        )
+        if base > most:
+            self._problems.append(
+                f"WS_RECONNECT_BASE_MS ({base}) must not exceed WS_RECONNECT_MAX_MS ({most})"
+            )
+        if self._problems:
+            raise ConfigError(self._problems)
+        return settings
+
+
+class _Invalid(ValueError):
+    """One variable's value is invalid; the message names the variable."""
+
+
+def _integer(name: str, raw: str, low: int, high: int, what: str) -> int:
+    # Only plain decimal digits: int() would also take "1_000" and " +5 ", which hide typos.
+    if not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
+        raise _Invalid(f"{name} must be {what}, got {raw!r}")
+    return int(raw)
+
+
+def _port(name: str, raw: str) -> int:
+    return _integer(name, raw, 1, 65535, "an integer from 1 to 65535")
+
+
+def _milliseconds(name: str, raw: str) -> int:
+    return _integer(name, raw, 1, _MAX_MS, f"a whole number of milliseconds from 1 to {_MAX_MS}")
+
+
+def _cap(name: str, raw: str) -> int:
+    return _integer(name, raw, 1, 2**31 - 1, "an integer of at least 1")
+
+
+def _host(name: str, raw: str) -> str:
+    if any(ch.isspace() for ch in raw) or "/" in raw:
+        raise _Invalid(f"{name} must be a host name or IP address to bind, got {raw!r}")
+    return raw
+
+
+def _database_url(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+    except ValueError as exc:
+        raise _Invalid(f"{name} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        # Never echo the value: it may hold a password.
+        raise _Invalid(
+            f"{name} must start with postgresql:// or postgres://, got scheme {parts.scheme!r}"
+        )
+    return raw
+
+
+def _directory(name: str, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if path.exists() and not path.is_dir():
+        raise _Invalid(f"{name} must be a directory, got the file {raw!r}")
+    # Absolute from here on: the embedded server runs in another working directory.
+    return path.absolute()
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    items = [item.strip() for item in raw.split(",")]
+    if items == ["*"]:
+        return ("*",)
+    origins: list[str] = []
+    for item in items:
+        origin = item.lower()
+        match = _ORIGIN.fullmatch(origin)
+        port = match and match.group("port")
+        if not match or (port is not None and not 1 <= int(port) <= 65535):
+            raise _Invalid(
+                f"{name} must be '*' or comma-separated origins like http://host[:port] "
+                f"(no path, no trailing slash), got {item!r}"
+            )
+        if origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
+
+
+def _ws_url(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise _Invalid(f"{name} must be a ws:// or wss:// URL with a host, got {raw!r}")
+    return raw
+
+
+def _products(name: str, raw: str) -> tuple[str, ...]:
+    products: list[str] = []
+    for item in raw.split(","):
+        product = item.strip().upper()
+        if not _PRODUCT.fullmatch(product):
+            raise _Invalid(
+                f"{name} must be comma-separated Coinbase product ids like BTC-USD, got {item!r}"
+            )
+        if product not in products:
+            products.append(product)
+    return tuple(products)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.lower() not in choices:
+            raise _Invalid(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw.lower()
+
+    return parse
+
+
+def _default_data_dir(values: Mapping[str, str]) -> Path:
+    """The user's data directory for tickguard, like platformdirs' ``user_data_path``,
+    but read from ``values`` rather than the process environment."""
+    home = Path(values.get("HOME") or Path.home())
+    if sys.platform == "darwin":
+        return home / "Library" / "Application Support" / "tickguard"
+    xdg = values.get("XDG_DATA_HOME", "").strip()
+    # The XDG spec says a relative XDG_DATA_HOME is invalid and must be ignored.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "share"
+    return base / "tickguard"
+
+
+def _url_without_password(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}@{hostport}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
