@@ -1,0 +1,163 @@
+"""The bridge between Trio and asyncpg: plain Trio ``async`` calls, each with a timeout.
+
+asyncpg runs on the asyncio loop that trio-asyncio provides (``open_database`` enters it).
+Everyone else calls ``Database`` methods from Trio and never sees asyncio. Every call has a
+deadline; a connection whose query was cancelled or timed out is discarded rather than
+returned to the pool in an unknown state. Losing the server, a timeout, or a refused connection
+all surface as ``DatabaseUnavailable``, which the HTTP layer answers with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+log = logging.getLogger("tickguard.storage")
+
+T = TypeVar("T")
+ConnFn = Callable[..., Awaitable[T]]
+
+# Errors that mean "the database cannot be reached or did not answer", as opposed to a bug or
+# a constraint violation (those propagate as they are).
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached, or did not answer within the call's timeout."""
+
+
+class Database:
+    """A pool of asyncpg connections, used from Trio.
+
+    ``timeout`` (seconds) bounds every call, from waiting for a connection to the last row.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float = 5.0) -> None:
+        self._pool = pool
+        self.timeout = timeout
+
+    async def run(self, fn: ConnFn[T], *args: Any, timeout: float | None = None) -> T:
+        """Run the asyncio coroutine ``fn(conn, *args)`` on a pooled connection.
+
+        Raises ``DatabaseUnavailable`` when the server is unreachable or the deadline passes.
+        """
+        deadline = self.timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(deadline):
+                return await trio_asyncio.aio_as_trio(self._on_connection)(fn, *args)
+        except trio.TooSlowError as exc:
+            raise DatabaseUnavailable(f"no answer within {deadline:g} s") from exc
+        except _UNAVAILABLE as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def transaction(self, fn: ConnFn[T], *args: Any, timeout: float | None = None) -> T:
+        """Like ``run``, inside one transaction: all of ``fn``'s statements commit or none do."""
+        return await self.run(_in_transaction, fn, *args, timeout=timeout)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        return await self.run(_fetch, query, *args, timeout=timeout)
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self.run(_fetchrow, query, *args, timeout=timeout)
+
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self.run(_fetchval, query, *args, timeout=timeout)
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        return await self.run(_execute, query, *args, timeout=timeout)
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Raise ``DatabaseUnavailable`` unless the server answers ``SELECT 1`` in time."""
+        await self.fetchval("SELECT 1", timeout=timeout)
+
+    async def _on_connection(self, fn: ConnFn[T], *args: Any) -> T:
+        # Runs on the asyncio loop.
+        conn = await self._pool.acquire()
+        try:
+            return await fn(conn, *args)
+        except (TimeoutError, asyncio.CancelledError):
+            # Cancelled mid-query: its state is unknown, so it never goes back to the pool.
+            conn.terminate()
+            raise
+        finally:
+            await self._pool.release(conn)
+
+
+async def _in_transaction(conn: asyncpg.Connection, fn: ConnFn[T], *args: Any) -> T:
+    async with conn.transaction():
+        return await fn(conn, *args)
+
+
+async def _fetch(conn: asyncpg.Connection, query: str, *args: Any) -> list[Any]:
+    return await conn.fetch(query, *args)
+
+
+async def _fetchrow(conn: asyncpg.Connection, query: str, *args: Any) -> Any:
+    return await conn.fetchrow(query, *args)
+
+
+async def _fetchval(conn: asyncpg.Connection, query: str, *args: Any) -> Any:
+    return await conn.fetchval(query, *args)
+
+
+async def _execute(conn: asyncpg.Connection, query: str, *args: Any) -> str:
+    return await conn.execute(query, *args)
+
+
+@asynccontextmanager
+async def open_pool(
+    dsn: str, *, timeout: float = 5.0, min_size: int = 1, max_size: int = 10
+) -> AsyncIterator[Database]:
+    """An asyncpg pool as a ``Database``; must run inside ``trio_asyncio.open_loop()``.
+
+    Raises ``DatabaseUnavailable`` when the server cannot be reached within ``timeout``.
+    """
+    try:
+        with trio.fail_after(timeout + 1):
+            pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=timeout,
+                command_timeout=max(timeout * 6, 30.0),
+            )
+    except trio.TooSlowError as exc:
+        raise DatabaseUnavailable(f"no connection within {timeout:g} s") from exc
+    except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        yield Database(pool, timeout=timeout)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5) as scope:
+            await trio_asyncio.aio_as_trio(pool.close)()
+        if scope.cancelled_caught:
+            pool.terminate()
+
+
+@asynccontextmanager
+async def open_database(
+    dsn: str, *, timeout: float = 5.0, min_size: int = 1, max_size: int = 10
+) -> AsyncIterator[Database]:
+    """The storage runtime: the asyncio loop (trio-asyncio) and the pool, for one ``trio.run``.
+
+    ``main()`` enters this around the whole actor tree.
+    """
+    async with trio_asyncio.open_loop():
+        async with open_pool(dsn, timeout=timeout, min_size=min_size, max_size=max_size) as db:
+            yield db

@@ -1,0 +1,393 @@
+"""Position state and its event outbox: every write, and the reads the API serves.
+
+Writes (``create_positions``, ``close_positions``) each run as one transaction that changes the
+rows AND writes one outbox event per change with the user's next ``seq``, so an event exists
+exactly when its change committed (DESIGN.md invariant 1). Only the persistence actor calls the
+writers. Closes are one atomic statement per batch (invariant 2): each id gets its own outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from tickguard.actors.messages import (
+    CloseOrder,
+    CloseOutcome,
+    CloseResult,
+    CreateResult,
+    Event,
+    EventSource,
+    EventType,
+    NewPosition,
+    Position,
+)
+from tickguard.actors.wire import event_message
+from tickguard.storage.db import Database
+
+COLUMNS = (
+    "id, user_id, symbol, side, entry_price, take_profit, stop_loss, status, close_price, "
+    "close_reason, created_at, updated_at, closed_at, triggered_at"
+)
+P_COLUMNS = ", ".join(f"p.{c.strip()}" for c in COLUMNS.split(","))
+
+
+class OpenPositionLimit(Exception):
+    """The user already holds the maximum number of open positions."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"At most {limit} open positions are allowed per user.")
+        self.limit = limit
+
+
+def to_position(row: Any) -> Position:
+    """A ``Position`` from a row that has the columns of ``COLUMNS``."""
+    return Position(
+        id=row["id"],
+        user_id=row["user_id"],
+        symbol=row["symbol"],
+        side=row["side"],
+        entry_price=row["entry_price"],
+        take_profit=row["take_profit"],
+        stop_loss=row["stop_loss"],
+        status=row["status"],
+        close_price=row["close_price"],
+        close_reason=row["close_reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        closed_at=row["closed_at"],
+        triggered_at=row["triggered_at"],
+    )
+
+
+# --- the outbox --------------------------------------------------------------------------------
+
+
+async def _write_events(
+    conn: asyncpg.Connection, changes: Sequence[tuple[EventType, EventSource, Position]]
+) -> list[Event]:
+    """Give each change the next ``seq`` of its user and write its outbox row.
+
+    Runs inside the caller's transaction: the counter rows are locked until it commits, which
+    keeps ``seq`` gap-free and in commit order per user.
+    """
+    if not changes:
+        return []
+    counts = Counter(position.user_id for _, _, position in changes)
+    users = sorted(counts)  # a fixed lock order: concurrent writers never deadlock here
+    rows = await conn.fetch(
+        """INSERT INTO user_seq (user_id, seq)
+           SELECT * FROM unnest($1::text[], $2::bigint[])
+           ON CONFLICT (user_id) DO UPDATE SET seq = user_seq.seq + EXCLUDED.seq
+           RETURNING user_id, seq""",
+        users,
+        [counts[u] for u in users],
+    )
+    next_seq = {row["user_id"]: row["seq"] - counts[row["user_id"]] for row in rows}
+    seqs, messages = [], []
+    for type_, source, position in changes:
+        next_seq[position.user_id] += 1
+        seq = next_seq[position.user_id]
+        seqs.append(seq)
+        messages.append(event_message(type_, source, seq, position))
+    ids = await conn.fetch(
+        """INSERT INTO events (user_id, seq, type, position_id, message)
+           SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[], $5::text[])
+           RETURNING id""",
+        [p.user_id for _, _, p in changes],
+        seqs,
+        [t for t, _, _ in changes],
+        [p.id for _, _, p in changes],
+        messages,
+    )
+    return [
+        Event(id=row["id"], user_id=p.user_id, seq=seq, type=t, message=msg)
+        for row, (t, _, p), seq, msg in zip(ids, changes, seqs, messages, strict=True)
+    ]
+
+
+async def unpublished_events(db: Database, limit: int = 10_000) -> list[Event]:
+    """Committed events not yet marked published, oldest first."""
+    rows = await db.fetch(
+        """SELECT id, user_id, seq, type, message FROM events
+           WHERE published_at IS NULL ORDER BY id LIMIT $1""",
+        limit,
+    )
+    return [Event(r["id"], r["user_id"], r["seq"], r["type"], r["message"]) for r in rows]
+
+
+async def mark_published(db: Database, event_ids: Sequence[int]) -> None:
+    """Record that these events were handed to fanout."""
+    if event_ids:
+        await db.execute(
+            "UPDATE events SET published_at = now() WHERE id = ANY($1::bigint[])", list(event_ids)
+        )
+
+
+async def latest_seq(db: Database, user_id: str) -> int:
+    """The user's latest event number (0 before the first event)."""
+    seq = await db.fetchval("SELECT seq FROM user_seq WHERE user_id = $1", user_id)
+    return int(seq or 0)
+
+
+# --- creates -----------------------------------------------------------------------------------
+
+
+async def create_positions(
+    db: Database, requests: Sequence[NewPosition], *, max_open_per_user: int
+) -> tuple[list[CreateResult | Exception], list[Event]]:
+    """Insert positions (and their created events) in one transaction.
+
+    Returns one result per request, in order: a ``CreateResult`` or an ``OpenPositionLimit``
+    instance, and the events written. A request whose ``idempotency_key`` matches a committed
+    position of the same user returns that position with ``created=False``.
+    """
+    return await db.transaction(_create, list(requests), max_open_per_user)
+
+
+async def _create(
+    conn: asyncpg.Connection, requests: list[NewPosition], max_open: int
+) -> tuple[list[CreateResult | Exception], list[Event]]:
+    users = sorted({r.user_id for r in requests})
+    # Lock the users' counter rows first: concurrent creates of one user queue here, so the
+    # open-position count below cannot be raced.
+    await conn.execute(
+        """INSERT INTO user_seq (user_id, seq) SELECT unnest($1::text[]), 0
+           ON CONFLICT (user_id) DO UPDATE SET seq = user_seq.seq""",
+        users,
+    )
+    open_count = Counter(
+        {
+            r["user_id"]: r["n"]
+            for r in await conn.fetch(
+                """SELECT user_id, count(*) AS n FROM positions
+                   WHERE status = 'open' AND user_id = ANY($1::text[]) GROUP BY user_id""",
+                users,
+            )
+        }
+    )
+    keyed = [(r.user_id, r.idempotency_key) for r in requests if r.idempotency_key]
+    existing: dict[tuple[str, str], Position] = {}
+    if keyed:
+        rows = await conn.fetch(
+            f"""SELECT {COLUMNS}, idempotency_key FROM positions
+                WHERE (user_id, idempotency_key) IN
+                      (SELECT * FROM unnest($1::text[], $2::text[]))""",
+            [u for u, _ in keyed],
+            [k for _, k in keyed],
+        )
+        existing = {(r["user_id"], r["idempotency_key"]): to_position(r) for r in rows}
+
+    results: list[CreateResult | Exception | None] = [None] * len(requests)
+    accepted: list[tuple[int, NewPosition, uuid.UUID]] = []
+    new_by_key: dict[tuple[str, str], int] = {}
+    for i, request in enumerate(requests):
+        key = (request.user_id, request.idempotency_key) if request.idempotency_key else None
+        if key and key in existing:
+            results[i] = CreateResult(existing[key], created=False)
+        elif key and key in new_by_key:
+            continue  # same key twice in one batch: answered from the first below
+        elif open_count[request.user_id] >= max_open:
+            results[i] = OpenPositionLimit(max_open)
+        else:
+            open_count[request.user_id] += 1
+            accepted.append((i, request, uuid.uuid4()))
+            if key:
+                new_by_key[key] = i
+
+    created: list[Position] = []
+    if accepted:
+        rows = await conn.fetch(
+            f"""INSERT INTO positions
+                  (id, user_id, symbol, side, entry_price, take_profit, stop_loss,
+                   idempotency_key)
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                     $5::numeric[], $6::numeric[], $7::numeric[], $8::text[])
+                RETURNING {COLUMNS}""",
+            [pid for _, _, pid in accepted],
+            [r.user_id for _, r, _ in accepted],
+            [r.symbol for _, r, _ in accepted],
+            [r.side for _, r, _ in accepted],
+            [r.entry_price for _, r, _ in accepted],
+            [r.take_profit for _, r, _ in accepted],
+            [r.stop_loss for _, r, _ in accepted],
+            [r.idempotency_key for _, r, _ in accepted],
+        )
+        by_id = {row["id"]: to_position(row) for row in rows}
+        for i, _, pid in accepted:
+            results[i] = CreateResult(by_id[pid])
+            created.append(by_id[pid])
+    for i, request in enumerate(requests):
+        if results[i] is None:  # a repeated key within the batch
+            first = results[new_by_key[(request.user_id, request.idempotency_key or "")]]
+            assert isinstance(first, CreateResult)
+            results[i] = CreateResult(first.position, created=False)
+    events = await _write_events(conn, [("position.created", "api", p) for p in created])
+    return [r for r in results if r is not None], events
+
+
+# --- closes ------------------------------------------------------------------------------------
+
+_CLOSE_SQL = f"""
+UPDATE positions p
+   SET status = 'closed', close_price = c.price, close_reason = c.reason,
+       triggered_at = c.at, closed_at = now()
+  FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::timestamptz[], $5::text[])
+       AS c(id, price, reason, at, user_id)
+ WHERE p.id = c.id AND p.status = 'open' AND (c.user_id IS NULL OR p.user_id = c.user_id)
+RETURNING {P_COLUMNS}
+"""
+
+
+async def close_positions(
+    db: Database, orders: Sequence[CloseOrder], *, source: EventSource
+) -> tuple[list[CloseResult], list[Event]]:
+    """Close a batch atomically: one UPDATE for every order, one closed event per closed row.
+
+    Returns one ``CloseResult`` per order, in order (CLOSED, ALREADY_CLOSED or NOT_FOUND; an
+    id repeated in the batch gets the first one's outcome), and the events written. Raises
+    ``DatabaseUnavailable`` (the caller reports every id as FAILED and may retry them: a retry
+    of a close that did commit answers ALREADY_CLOSED, and its event is in the outbox).
+    """
+    return await db.transaction(_close, list(orders), source)
+
+
+async def _close(
+    conn: asyncpg.Connection, orders: list[CloseOrder], source: EventSource
+) -> tuple[list[CloseResult], list[Event]]:
+    first: dict[uuid.UUID, CloseOrder] = {}
+    for order in orders:
+        first.setdefault(order.position_id, order)
+    unique = sorted(first.values(), key=lambda o: o.position_id)  # a fixed row-lock order
+    rows = await conn.fetch(
+        _CLOSE_SQL,
+        [o.position_id for o in unique],
+        [o.price for o in unique],
+        [o.reason for o in unique],
+        [o.triggered_at for o in unique],
+        [o.user_id for o in unique],
+    )
+    closed = {row["id"]: to_position(row) for row in rows}
+    outcome: dict[uuid.UUID, CloseResult] = {
+        pid: CloseResult(pid, CloseOutcome.CLOSED, position) for pid, position in closed.items()
+    }
+    missing = [o for o in unique if o.position_id not in closed]
+    if missing:
+        current = {
+            row["id"]: to_position(row)
+            for row in await conn.fetch(
+                f"SELECT {COLUMNS} FROM positions WHERE id = ANY($1::uuid[])",
+                [o.position_id for o in missing],
+            )
+        }
+        for order in missing:
+            row = current.get(order.position_id)
+            if row is None or (order.user_id is not None and row.user_id != order.user_id):
+                outcome[order.position_id] = CloseResult(order.position_id, CloseOutcome.NOT_FOUND)
+            else:
+                outcome[order.position_id] = CloseResult(
+                    order.position_id, CloseOutcome.ALREADY_CLOSED, row
+                )
+    events = await _write_events(
+        conn,
+        [
+            ("position.closed", source, closed[o.position_id])
+            for o in unique
+            if o.position_id in closed
+        ],
+    )
+    return [outcome[o.position_id] for o in orders], events
+
+
+# --- reads -------------------------------------------------------------------------------------
+
+
+def _encode_cursor(moment: datetime, position_id: uuid.UUID) -> str:
+    raw = f"{moment.isoformat()}|{position_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+class BadCursor(ValueError):
+    """A pagination cursor that this server did not issue."""
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, pid = raw.split("|")
+        return datetime.fromisoformat(moment), uuid.UUID(pid)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadCursor("cursor is not valid") from exc
+
+
+async def list_positions(
+    db: Database, user_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Position], str | None]:
+    """The user's positions, newest ``created_at`` first, and the cursor of the next page."""
+    after = _decode_cursor(cursor) if cursor else None
+    rows = await db.fetch(
+        f"""SELECT {COLUMNS} FROM positions
+            WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+              AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+            ORDER BY created_at DESC, id DESC LIMIT $5""",
+        user_id,
+        status,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    page = [to_position(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return page, (_encode_cursor(page[-1].created_at, page[-1].id) if more else None)
+
+
+async def list_closed(
+    db: Database, user_id: str, limit: int, cursor: str | None
+) -> tuple[list[Position], str | None]:
+    """The user's closed positions, newest ``closed_at`` first, and the next page's cursor."""
+    after = _decode_cursor(cursor) if cursor else None
+    rows = await db.fetch(
+        f"""SELECT {COLUMNS} FROM positions
+            WHERE user_id = $1 AND status = 'closed'
+              AND ($2::timestamptz IS NULL OR (closed_at, id) < ($2, $3::uuid))
+            ORDER BY closed_at DESC, id DESC LIMIT $4""",
+        user_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    page = [to_position(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    last = page[-1] if page else None
+    return page, (
+        _encode_cursor(last.closed_at, last.id) if more and last and last.closed_at else None
+    )
+
+
+async def get_position(db: Database, user_id: str, position_id: uuid.UUID) -> Position | None:
+    """That user's position with that id (someone else's is None, as if it did not exist)."""
+    row = await db.fetchrow(
+        f"SELECT {COLUMNS} FROM positions WHERE id = $1 AND user_id = $2", position_id, user_id
+    )
+    return None if row is None else to_position(row)
+
+
+async def open_positions(db: Database, symbol: str) -> list[Position]:
+    """Every open position on ``symbol`` (an engine's state on start)."""
+    rows = await db.fetch(
+        f"SELECT {COLUMNS} FROM positions WHERE symbol = $1 AND status = 'open'",
+        symbol,
+        timeout=max(db.timeout, 60.0),
+    )
+    return [to_position(r) for r in rows]
+
+
+async def open_symbols(db: Database) -> list[str]:
+    """The symbols that have at least one open position."""
+    rows = await db.fetch("SELECT DISTINCT symbol FROM positions WHERE status = 'open'")
+    return sorted(r["symbol"] for r in rows)
