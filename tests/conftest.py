@@ -1,0 +1,71 @@
+"""Shared fixtures: a real PostgreSQL for the whole test session, a fresh schema state per test.
+
+``TEST_DATABASE_URL`` (a server we may create databases on) is used when set: the session gets
+its own new database there, dropped at the end. Otherwise the embedded PostgreSQL starts in a
+temporary directory. Tests that stop or kill PostgreSQL always start their own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import trio
+from tickguard.storage import Database, migrate, open_database
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+async def _admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a migrated database that belongs to this test session."""
+    server = os.environ.get("TEST_DATABASE_URL")
+    if server:
+        name = f"tickguard_test_{uuid.uuid4().hex[:12]}"
+        asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
+        url = _with_database(server, name)
+        try:
+            trio.run(_migrate, url)
+            yield url
+        finally:
+            asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    else:
+        from tickguard.storage.embedded import embedded_postgres
+
+        with embedded_postgres(tmp_path_factory.mktemp("pgdata")) as url:
+            trio.run(_migrate, url)
+            yield url
+
+
+async def _migrate(url: str) -> None:
+    async with open_database(url) as db:
+        await migrate(db)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A pool on the session's database, with every table emptied first."""
+    async with open_database(database_url, timeout=10.0) as database:
+        await database.execute("TRUNCATE positions, events, user_seq")
+        yield database
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)

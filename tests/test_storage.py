@@ -1,0 +1,265 @@
+"""Storage on a real PostgreSQL: migrations, the batched close, the outbox's seq, timeouts."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import trio
+import trio_asyncio
+from tickguard.actors.messages import CloseOrder, CloseOutcome, NewPosition
+from tickguard.storage import Database, DatabaseUnavailable, migrate, open_database, open_pool
+from tickguard.storage import positions as store
+from tickguard.storage.migrate import bundled_migrations
+
+
+def new(user: str = "alice", **kw: object) -> NewPosition:
+    base = dict(
+        user_id=user,
+        symbol="BTC-USD",
+        side="long",
+        entry_price=Decimal("65000.5"),
+        take_profit=Decimal("70000"),
+        stop_loss=Decimal("60000.12345678"),
+    )
+    base.update(kw)
+    return NewPosition(**base)  # type: ignore[arg-type]
+
+
+async def test_migrations_are_idempotent(db: Database) -> None:
+    assert await migrate(db) == []
+    versions = [r["version"] for r in await db.fetch("SELECT version FROM schema_migrations")]
+    assert sorted(versions) == [m.version for m in bundled_migrations()]
+
+
+async def test_concurrent_migrations_do_not_race(database_url: str) -> None:
+    name = f"mig_{uuid.uuid4().hex[:10]}"
+    async with open_database(database_url) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    url = database_url.rsplit("/", 1)[0] + "/" + name if "?" not in database_url else None
+    if url is None:  # embedded server: the database name sits before the query string
+        base, query = database_url.split("?", 1)
+        url = base.rsplit("/", 1)[0] + "/" + name + "?" + query
+    applied: list[list[int]] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+
+                async def run_one() -> None:
+                    async with open_database(url) as fresh:
+                        applied.append(await migrate(fresh))
+
+                nursery.start_soon(run_one)
+        all_versions = [m.version for m in bundled_migrations()]
+        assert sorted(v for run in applied for v in run) == all_versions
+        async with open_database(url) as fresh:
+            count = await fresh.fetchval("SELECT count(*) FROM schema_migrations")
+        assert count == len(all_versions)
+    finally:
+        async with open_database(database_url) as admin:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_old_backend_table_is_adopted_with_its_rows(database_url: str) -> None:
+    name = f"old_{uuid.uuid4().hex[:10]}"
+    if "?" in database_url:
+        base, query = database_url.split("?", 1)
+        url = base.rsplit("/", 1)[0] + "/" + name + "?" + query
+    else:
+        url = database_url.rsplit("/", 1)[0] + "/" + name
+    async with open_database(database_url) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        async with open_database(url) as old:
+            # The Node backend's table, as it created it.
+            await old.execute(
+                """CREATE TABLE positions (
+                     id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+                     user_id TEXT NOT NULL, symbol TEXT NOT NULL,
+                     side TEXT NOT NULL CHECK (side IN ('long','short')),
+                     entry_price NUMERIC(18,8) NOT NULL, take_profit NUMERIC(18,8),
+                     stop_loss NUMERIC(18,8), status TEXT NOT NULL DEFAULT 'open',
+                     close_price NUMERIC(18,8), close_reason TEXT,
+                     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), closed_at TIMESTAMPTZ)"""
+            )
+            await old.execute(
+                """INSERT INTO positions (user_id, symbol, side, entry_price, stop_loss)
+                   VALUES ('u1', 'BTC-USD', 'long', 100.5, 90), ('u2', 'ETH-USD', 'short', 5, 6)"""
+            )
+            await old.execute(
+                """INSERT INTO positions (user_id, symbol, side, entry_price, status, close_price,
+                                          close_reason, closed_at)
+                   VALUES ('u1', 'BTC-USD', 'long', 100, 'closed', 110, 'manual', now())"""
+            )
+            assert await migrate(old) == [m.version for m in bundled_migrations()]
+            rows = await old.fetch(
+                "SELECT user_id, entry_price, status FROM positions ORDER BY 1, 3"
+            )
+            assert [(r["user_id"], r["entry_price"], r["status"]) for r in rows] == [
+                ("u1", Decimal("100.00000000"), "closed"),
+                ("u1", Decimal("100.50000000"), "open"),
+                ("u2", Decimal("5.00000000"), "open"),
+            ]
+            # The adopted table now enforces tickguard's rules and serves tickguard's reads.
+            assert await store.open_symbols(old) == ["BTC-USD", "ETH-USD"]
+            assert await migrate(old) == []
+    finally:
+        async with open_database(database_url) as admin:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_create_writes_position_and_event_in_one_transaction(db: Database) -> None:
+    results, events = await store.create_positions(db, [new(), new("bob")], max_open_per_user=10)
+    assert [r.position.user_id for r in results] == ["alice", "bob"]
+    p = results[0].position
+    assert p.status == "open" and p.entry_price == Decimal("65000.5")
+    assert p.stop_loss == Decimal("60000.12345678")
+    assert [(e.user_id, e.seq, e.type) for e in events] == [
+        ("alice", 1, "position.created"),
+        ("bob", 1, "position.created"),
+    ]
+    assert '"entryPrice":65000.5' in events[0].message
+    assert await store.latest_seq(db, "alice") == 1
+    assert len(await store.unpublished_events(db)) == 2
+
+
+async def test_idempotency_key_returns_the_first_position(db: Database) -> None:
+    first, _ = await store.create_positions(db, [new(idempotency_key="k1")], max_open_per_user=10)
+    again, events = await store.create_positions(
+        db, [new(idempotency_key="k1"), new(idempotency_key="k1")], max_open_per_user=10
+    )
+    assert again[0].position.id == first[0].position.id and not again[0].created
+    assert again[1].position.id == first[0].position.id
+    assert events == []
+    assert await db.fetchval("SELECT count(*) FROM positions") == 1
+
+
+async def test_open_position_cap_is_enforced_per_user(db: Database) -> None:
+    results, events = await store.create_positions(
+        db, [new(), new(), new(), new("bob")], max_open_per_user=2
+    )
+    assert [type(r).__name__ for r in results] == [
+        "CreateResult",
+        "CreateResult",
+        "OpenPositionLimit",
+        "CreateResult",
+    ]
+    assert len(events) == 3
+    assert await db.fetchval("SELECT count(*) FROM positions WHERE user_id='alice'") == 2
+
+
+async def test_overlapping_close_batches_close_each_row_once(db: Database) -> None:
+    created, _ = await store.create_positions(
+        db, [new(), new(), new(), new("bob")], max_open_per_user=100
+    )
+    ids = [r.position.id for r in created]
+    ghost = uuid.uuid4()
+    batch_a = [
+        CloseOrder(ids[0], Decimal("60000"), "stop_loss"),
+        CloseOrder(ids[1], Decimal("60000"), "stop_loss"),
+        CloseOrder(ids[3], Decimal("60000"), "stop_loss"),
+    ]
+    batch_b = [
+        CloseOrder(ids[1], Decimal("61000"), "manual"),
+        CloseOrder(ids[2], Decimal("61000"), "manual"),
+        CloseOrder(ids[3], Decimal("61000"), "manual"),
+        CloseOrder(ghost, Decimal("61000"), "manual"),
+    ]
+    outcomes: dict[str, list] = {}
+
+    async def close(name: str, batch: list[CloseOrder]) -> None:
+        outcomes[name] = (await store.close_positions(db, batch, source="engine"))[0]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close, "a", batch_a)
+        nursery.start_soon(close, "b", batch_b)
+
+    by_id: dict[uuid.UUID, list[CloseOutcome]] = {}
+    for results in outcomes.values():
+        for r in results:
+            by_id.setdefault(r.position_id, []).append(r.outcome)
+    for shared in (ids[1], ids[3]):
+        assert sorted(o.value for o in by_id[shared]) == ["already_closed", "closed"]
+    assert by_id[ids[0]] == [CloseOutcome.CLOSED]
+    assert by_id[ids[2]] == [CloseOutcome.CLOSED]
+    assert by_id[ghost] == [CloseOutcome.NOT_FOUND]
+    # Exactly one closed event per closed row, and gap-free, duplicate-free seq per user.
+    rows = await db.fetch(
+        "SELECT user_id, seq, type, position_id FROM events ORDER BY user_id, seq"
+    )
+    closed_events = [r["position_id"] for r in rows if r["type"] == "position.closed"]
+    assert sorted(closed_events) == sorted(ids)
+    for user in ("alice", "bob"):
+        seqs = [r["seq"] for r in rows if r["user_id"] == user]
+        assert seqs == list(range(1, len(seqs) + 1))
+    assert await db.fetchval("SELECT count(*) FROM positions WHERE status='open'") == 0
+
+
+async def test_close_checks_the_user_and_reports_per_id(db: Database) -> None:
+    created, _ = await store.create_positions(db, [new()], max_open_per_user=10)
+    pid = created[0].position.id
+    [wrong_user], events = await store.close_positions(
+        db, [CloseOrder(pid, Decimal("1"), "manual", user_id="mallory")], source="api"
+    )
+    assert wrong_user.outcome is CloseOutcome.NOT_FOUND and events == []
+    [ok], events = await store.close_positions(
+        db, [CloseOrder(pid, Decimal("66000.1"), "manual", user_id="alice")], source="api"
+    )
+    assert ok.outcome is CloseOutcome.CLOSED and ok.position is not None
+    assert ok.position.close_price == Decimal("66000.1") and ok.position.closed_at is not None
+    assert ok.position.updated_at >= ok.position.created_at
+    assert [e.seq for e in events] == [2]
+    [again], events = await store.close_positions(
+        db, [CloseOrder(pid, Decimal("1"), "manual", user_id="alice")], source="api"
+    )
+    assert again.outcome is CloseOutcome.ALREADY_CLOSED and events == []
+    assert again.position is not None and again.position.close_price == Decimal("66000.1")
+
+
+async def test_pagination_walks_every_row_once(db: Database) -> None:
+    await store.create_positions(db, [new() for _ in range(7)], max_open_per_user=100)
+    seen, cursor = [], None
+    while True:
+        page, cursor = await store.list_positions(db, "alice", None, 3, cursor)
+        seen += page
+        if cursor is None:
+            break
+    assert len(seen) == 7 and len({p.id for p in seen}) == 7
+    assert [p.created_at for p in seen] == sorted((p.created_at for p in seen), reverse=True)
+
+
+async def test_cancelled_query_leaves_the_pool_usable(db: Database) -> None:
+    for _ in range(5):
+        with trio.move_on_after(0.05):
+            await db.fetchval("SELECT pg_sleep(5)")
+    assert await db.fetchval("SELECT 41 + 1") == 42
+    # No server-side query of ours is left running.
+    with trio.fail_after(10):
+        while await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(5)%'"
+        ):
+            await trio.sleep(0.05)
+
+
+async def test_a_server_that_stops_answering_ends_at_the_timeout() -> None:
+    # A listener that accepts TCP connections and never answers: a hung server.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, hold, listeners)
+        async with trio_asyncio.open_loop():
+            with trio.fail_after(10):  # the hang guard; the call's own timeout is 0.5 s
+                try:
+                    async with open_pool(f"postgresql://x@127.0.0.1:{port}/x", timeout=0.5):
+                        raise AssertionError("connected to a server that never answers")
+                except DatabaseUnavailable as exc:
+                    assert "0.5" in str(exc) or "Timeout" in str(exc)
+        assert accepted, "the client never reached the hung server"
+        nursery.cancel_scope.cancel()
