@@ -249,59 +249,67 @@ async def close_positions(
 ) -> tuple[list[CloseResult], list[Event]]:
     """Close a batch atomically: one UPDATE for every order, one closed event per closed row.
 
-    Returns one ``CloseResult`` per order, in order (CLOSED, ALREADY_CLOSED or NOT_FOUND; an
-    id repeated in the batch gets the first one's outcome), and the events written. Raises
-    ``DatabaseUnavailable`` (the caller reports every id as FAILED and may retry them: a retry
-    of a close that did commit answers ALREADY_CLOSED, and its event is in the outbox).
+    Returns one ``CloseResult`` per order, in order (CLOSED, ALREADY_CLOSED or NOT_FOUND), and
+    the events written. An id named twice is judged twice, in order, in the same transaction:
+    the second sees the first's close (ALREADY_CLOSED). Raises ``DatabaseUnavailable`` (the
+    caller reports every id as FAILED and may retry them: a retry of a close that did commit
+    answers ALREADY_CLOSED, and its event is in the outbox).
     """
     return await db.transaction(_close, list(orders), source)
+
+
+def _rounds(orders: list[CloseOrder]) -> list[list[tuple[int, CloseOrder]]]:
+    """Split orders so that no id appears twice in a round (k-th mention -> round k)."""
+    seen: Counter[uuid.UUID] = Counter()
+    rounds: list[list[tuple[int, CloseOrder]]] = []
+    for index, order in enumerate(orders):
+        k = seen[order.position_id]
+        seen[order.position_id] += 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append((index, order))
+    return rounds
 
 
 async def _close(
     conn: asyncpg.Connection, orders: list[CloseOrder], source: EventSource
 ) -> tuple[list[CloseResult], list[Event]]:
-    first: dict[uuid.UUID, CloseOrder] = {}
-    for order in orders:
-        first.setdefault(order.position_id, order)
-    unique = sorted(first.values(), key=lambda o: o.position_id)  # a fixed row-lock order
-    rows = await conn.fetch(
-        _CLOSE_SQL,
-        [o.position_id for o in unique],
-        [o.price for o in unique],
-        [o.reason for o in unique],
-        [o.triggered_at for o in unique],
-        [o.user_id for o in unique],
-    )
-    closed = {row["id"]: to_position(row) for row in rows}
-    outcome: dict[uuid.UUID, CloseResult] = {
-        pid: CloseResult(pid, CloseOutcome.CLOSED, position) for pid, position in closed.items()
-    }
-    missing = [o for o in unique if o.position_id not in closed]
-    if missing:
-        current = {
-            row["id"]: to_position(row)
-            for row in await conn.fetch(
-                f"SELECT {COLUMNS} FROM positions WHERE id = ANY($1::uuid[])",
-                [o.position_id for o in missing],
-            )
-        }
-        for order in missing:
-            row = current.get(order.position_id)
-            if row is None or (order.user_id is not None and row.user_id != order.user_id):
-                outcome[order.position_id] = CloseResult(order.position_id, CloseOutcome.NOT_FOUND)
-            else:
-                outcome[order.position_id] = CloseResult(
-                    order.position_id, CloseOutcome.ALREADY_CLOSED, row
+    results: list[CloseResult | None] = [None] * len(orders)
+    closed_all: list[Position] = []
+    for round_ in _rounds(orders):
+        round_.sort(key=lambda item: item[1].position_id)  # a fixed row-lock order
+        unique = [order for _, order in round_]
+        rows = await conn.fetch(
+            _CLOSE_SQL,
+            [o.position_id for o in unique],
+            [o.price for o in unique],
+            [o.reason for o in unique],
+            [o.triggered_at for o in unique],
+            [o.user_id for o in unique],
+        )
+        closed = {row["id"]: to_position(row) for row in rows}
+        closed_all += [closed[o.position_id] for o in unique if o.position_id in closed]
+        missing = [o.position_id for o in unique if o.position_id not in closed]
+        current: dict[uuid.UUID, Position] = {}
+        if missing:
+            current = {
+                row["id"]: to_position(row)
+                for row in await conn.fetch(
+                    f"SELECT {COLUMNS} FROM positions WHERE id = ANY($1::uuid[])", missing
                 )
-    events = await _write_events(
-        conn,
-        [
-            ("position.closed", source, closed[o.position_id])
-            for o in unique
-            if o.position_id in closed
-        ],
-    )
-    return [outcome[o.position_id] for o in orders], events
+            }
+        for index, order in round_:
+            pid = order.position_id
+            if pid in closed:
+                results[index] = CloseResult(pid, CloseOutcome.CLOSED, closed[pid])
+                continue
+            row = current.get(pid)
+            if row is None or (order.user_id is not None and row.user_id != order.user_id):
+                results[index] = CloseResult(pid, CloseOutcome.NOT_FOUND)
+            else:
+                results[index] = CloseResult(pid, CloseOutcome.ALREADY_CLOSED, row)
+    events = await _write_events(conn, [("position.closed", source, p) for p in closed_all])
+    return [r for r in results if r is not None], events
 
 
 # --- reads -------------------------------------------------------------------------------------

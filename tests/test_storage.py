@@ -263,3 +263,24 @@ async def test_a_server_that_stops_answering_ends_at_the_timeout() -> None:
                     assert "0.5" in str(exc) or "Timeout" in str(exc)
         assert accepted, "the client never reached the hung server"
         nursery.cancel_scope.cancel()
+
+
+async def test_an_id_named_twice_in_a_batch_closes_once(db: Database) -> None:
+    created, _ = await store.create_positions(db, [new()], max_open_per_user=10)
+    pid = created[0].position.id
+    results, events = await store.close_positions(
+        db,
+        [
+            CloseOrder(pid, Decimal("2"), "manual", user_id="mallory"),
+            CloseOrder(pid, Decimal("3"), "manual", user_id="alice"),
+            CloseOrder(pid, Decimal("4"), "manual", user_id="alice"),
+        ],
+        source="api",
+    )
+    assert [r.outcome for r in results] == [
+        CloseOutcome.NOT_FOUND,
+        CloseOutcome.CLOSED,
+        CloseOutcome.ALREADY_CLOSED,
+    ]
+    assert len(events) == 1 and results[1].position is not None
+    assert results[1].position.close_price == Decimal("3")
