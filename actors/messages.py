@@ -129,6 +129,7 @@ class Event:
     seq: int
     type: EventType
     message: str
+    position_id: uuid.UUID | None = None
 
 
 @attrs.frozen

@@ -106,7 +106,7 @@ async def _write_events(
         messages,
     )
     return [
-        Event(id=row["id"], user_id=p.user_id, seq=seq, type=t, message=msg)
+        Event(id=row["id"], user_id=p.user_id, seq=seq, type=t, message=msg, position_id=p.id)
         for row, (t, _, p), seq, msg in zip(ids, changes, seqs, messages, strict=True)
     ]
 
@@ -114,11 +114,14 @@ async def _write_events(
 async def unpublished_events(db: Database, limit: int = 10_000) -> list[Event]:
     """Committed events not yet marked published, oldest first."""
     rows = await db.fetch(
-        """SELECT id, user_id, seq, type, message FROM events
+        """SELECT id, user_id, seq, type, message, position_id FROM events
            WHERE published_at IS NULL ORDER BY id LIMIT $1""",
         limit,
     )
-    return [Event(r["id"], r["user_id"], r["seq"], r["type"], r["message"]) for r in rows]
+    return [
+        Event(r["id"], r["user_id"], r["seq"], r["type"], r["message"], r["position_id"])
+        for r in rows
+    ]
 
 
 async def mark_published(db: Database, event_ids: Sequence[int]) -> None:

@@ -1,0 +1,262 @@
+"""The persistence actor: the only writer of position state, and the outbox's publisher.
+
+Receives ``CreateRequest`` and ``CloseRequest`` (from web and engines) on its mailbox. Whatever
+has queued up while it was busy is handled together: all creates in one transaction, all
+closes of one source as one atomic batch (DESIGN.md invariants 1 and 2), so load turns into
+fewer, larger transactions. A reply always means "committed" (or is an error / FAILED outcome).
+
+After a commit it hands the committed events to fanout in commit order, then tells the symbol's
+engine (``Track`` after the created event is queued, invariant 9; ``Untrack`` on every close),
+answers the requests, and marks the events published. On start, and after any database error
+(the commit may have happened with its acknowledgement lost), it first publishes every event
+still marked unpublished, so no committed event is lost; fanout drops an event it already
+delivered (by per-user ``seq``), so none is delivered twice.
+
+It never waits on a WebSocket, an engine or the feed: fanout and engine mailboxes are unbounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+import trio
+from tickguard.actors import faults as fault_points
+from tickguard.actors.faults import FaultPoints
+from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.messages import (
+    CloseOutcome,
+    CloseRequest,
+    CloseResult,
+    CreateRequest,
+    Event,
+    Position,
+    Track,
+    Untrack,
+)
+from tickguard.storage import Database, DatabaseUnavailable
+from tickguard.storage import positions as store
+
+log = logging.getLogger("tickguard.actors.persistence")
+
+
+class EngineInboxes(Protocol):
+    """Where Track/Untrack go: the supervisor's per-symbol engine registry."""
+
+    def send(self, symbol: str, message: Track | Untrack) -> None: ...
+
+
+@attrs.frozen
+class PersistenceConfig:
+    max_open_per_user: int = 1000
+    max_batch: int = 2000  # requests grouped into one round
+    outbox_retry_s: float = 1.0
+
+
+@attrs.define
+class PersistenceStats:
+    transactions: int = 0
+    requests: int = 0
+    closes_by_reason: dict[str, int] = attrs.field(factory=dict)
+    db_errors: int = 0
+
+
+async def run(
+    inbox: Mailbox[CreateRequest | CloseRequest],
+    db: Database,
+    fanout: Mailbox[Any],
+    engines: EngineInboxes,
+    *,
+    config: PersistenceConfig = PersistenceConfig(),
+    stats: PersistenceStats | None = None,
+    faults: FaultPoints | None = None,
+    stopping: trio.Event | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled, or until ``stopping`` is set and the mailbox is drained."""
+    actor = _Persistence(inbox, db, fanout, engines, config, stats or PersistenceStats(), faults)
+    await actor.recover_outbox()  # raises DatabaseUnavailable: the supervisor retries us
+    task_status.started()
+    while True:
+        if stopping is not None and stopping.is_set() and inbox.pending() == 0:
+            return
+        batch = await actor.next_batch(stopping)
+        if batch:
+            await actor.handle(batch)
+
+
+class _Persistence:
+    def __init__(
+        self,
+        inbox: Mailbox[CreateRequest | CloseRequest],
+        db: Database,
+        fanout: Mailbox[Any],
+        engines: EngineInboxes,
+        config: PersistenceConfig,
+        stats: PersistenceStats,
+        faults: FaultPoints | None,
+    ) -> None:
+        self.inbox = inbox
+        self.db = db
+        self.fanout = fanout
+        self.engines = engines
+        self.config = config
+        self.stats = stats
+        self.faults = faults
+        self.outbox_dirty = False
+        self.unmarked: list[int] = []
+
+    async def next_batch(self, stopping: trio.Event | None) -> list[CreateRequest | CloseRequest]:
+        """Wait for one request (or for ``stopping``), then take whatever else is queued."""
+        batch: list[CreateRequest | CloseRequest] = []
+        if stopping is None:
+            batch.append(await self.inbox.receive())
+        else:
+            async with trio.open_nursery() as nursery:
+
+                async def first() -> None:
+                    batch.append(await self.inbox.receive())
+                    nursery.cancel_scope.cancel()
+
+                async def stop() -> None:
+                    await stopping.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(first)
+                nursery.start_soon(stop)
+        while batch and len(batch) < self.config.max_batch:
+            try:
+                batch.append(self.inbox.receive_nowait())
+            except trio.WouldBlock:
+                break
+        return batch
+
+    async def handle(self, batch: list[CreateRequest | CloseRequest]) -> None:
+        if self.outbox_dirty or self.unmarked:
+            await self.recover_outbox_quietly()
+        creates = [r for r in batch if isinstance(r, CreateRequest)]
+        closes = [r for r in batch if isinstance(r, CloseRequest)]
+        if creates:
+            await self.create(creates)
+        for source in ("api", "engine"):
+            group = [r for r in closes if r.source == source]
+            if group:
+                await self.close(group)
+
+    async def create(self, requests: Sequence[CreateRequest]) -> None:
+        try:
+            results, events = await store.create_positions(
+                self.db, [r.new for r in requests], max_open_per_user=self.config.max_open_per_user
+            )
+        except DatabaseUnavailable as exc:
+            self.database_failed(exc)
+            for request in requests:
+                self.inbox.answer(request, exc)
+            return
+        self.committed(len(requests))
+        await fault_points.hit(self.faults, "persistence.after_commit")
+        self.publish(events)
+        for result in results:
+            if not isinstance(result, Exception) and result.created:
+                self.engines.send(result.position.symbol, Track(result.position))
+        for request, result in zip(requests, results, strict=True):
+            self.inbox.answer(request, result)
+        await self.mark(events)
+
+    async def close(self, requests: Sequence[CloseRequest]) -> None:
+        orders = [order for r in requests for order in r.orders]
+        try:
+            results, events = await store.close_positions(
+                self.db, orders, source=requests[0].source
+            )
+        except DatabaseUnavailable as exc:
+            self.database_failed(exc)
+            for request in requests:
+                failed = tuple(
+                    CloseResult(o.position_id, CloseOutcome.FAILED) for o in request.orders
+                )
+                self.inbox.answer(request, failed)
+            return
+        self.committed(len(requests))
+        await fault_points.hit(self.faults, "persistence.after_commit")
+        self.publish(events)
+        for result in results:
+            if result.outcome is CloseOutcome.CLOSED and result.position is not None:
+                self.untrack(result.position)
+                reason = result.position.close_reason or "unknown"
+                self.stats.closes_by_reason[reason] = self.stats.closes_by_reason.get(reason, 0) + 1
+        start = 0
+        for request in requests:
+            end = start + len(request.orders)
+            self.inbox.answer(request, tuple(results[start:end]))
+            start = end
+        await self.mark(events)
+
+    def untrack(self, position: Position) -> None:
+        self.engines.send(position.symbol, Untrack(position.id))
+
+    def publish(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.fanout.send_nowait(event)
+
+    async def mark(self, events: Sequence[Event]) -> None:
+        self.unmarked += [e.id for e in events]
+        await fault_points.hit(self.faults, "persistence.before_mark_published")
+        try:
+            await store.mark_published(self.db, self.unmarked)
+        except DatabaseUnavailable as exc:
+            # They stay unpublished in the database; a later recovery republishes them, and
+            # fanout drops what it already delivered.
+            self.database_failed(exc)
+            return
+        self.unmarked = []
+
+    def committed(self, requests: int) -> None:
+        self.stats.transactions += 1
+        self.stats.requests += requests
+
+    def database_failed(self, exc: DatabaseUnavailable) -> None:
+        self.stats.db_errors += 1
+        self.outbox_dirty = True
+        log.warning("database unavailable: %s", exc)
+
+    async def recover_outbox(self) -> None:
+        """Publish every committed event not yet marked published, oldest first.
+
+        Created positions among them are tracked again, closed ones untracked: their commit
+        acknowledgement may have been lost, so nobody told fanout or the engine.
+        """
+        while True:
+            events = await store.unpublished_events(self.db)
+            if not events:
+                break
+            created = [e for e in events if e.type == "position.created"]
+            closed = [e for e in events if e.type == "position.closed"]
+            self.publish(events)
+            for position in await _positions_of(self.db, created):
+                if position.status == "open":
+                    self.engines.send(position.symbol, Track(position))
+            for position in await _positions_of(self.db, closed):
+                self.untrack(position)
+            await store.mark_published(self.db, [e.id for e in events])
+            log.info("published %d events from the outbox", len(events))
+        self.unmarked = []
+        self.outbox_dirty = False
+
+    async def recover_outbox_quietly(self) -> None:
+        try:
+            await self.recover_outbox()
+        except DatabaseUnavailable as exc:
+            self.database_failed(exc)
+
+
+async def _positions_of(db: Database, events: Sequence[Event]) -> list[Position]:
+    if not events:
+        return []
+    rows = await db.fetch(
+        f"SELECT {store.COLUMNS} FROM positions WHERE id = ANY($1::uuid[])",
+        [e.position_id for e in events],
+    )
+    return [store.to_position(r) for r in rows]
