@@ -1,0 +1,85 @@
+"""The quart-trio application and the hypercorn server that runs it.
+
+``create_app(services)`` builds the app around one ``AppServices`` (kept in
+``app.extensions``, no globals). ``serve`` runs it with ``hypercorn.trio.serve`` inside the
+caller's nursery: ``await nursery.start(serve, app, settings, shutdown_trigger=...)`` returns
+once the socket listens, with the base URLs it listens on (port 0 picks a free port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
+from tickguard.config import Settings
+from tickguard.web import cors, errors
+from tickguard.web.json import WireJSONProvider
+from tickguard.web.openapi import openapi
+from tickguard.web.routes import routes
+from tickguard.web.services import EXTENSION, AppServices, FeedStatus, WsStats, services_of
+from tickguard.web.ws import LIVE_SESSIONS, MAX_FRAME_BYTES, LiveSessions, live_sessions, ws
+
+__all__ = ["AppServices", "FeedStatus", "WsStats", "create_app", "serve", "services_of"]
+
+MAX_BODY_BYTES = 64 * 1024
+# Seconds between the server's WebSocket pings (keep-alive through proxies and NATs).
+WS_PING_INTERVAL = 20.0
+# What hypercorn waits for open requests at shutdown; WebSockets are closed before it.
+GRACEFUL_TIMEOUT = 3.0
+
+
+def create_app(services: AppServices) -> QuartTrio:
+    """The tickguard HTTP/WebSocket app for ``services``."""
+    app = QuartTrio("tickguard")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json = WireJSONProvider(app)
+    app.extensions[EXTENSION] = services
+    app.extensions[LIVE_SESSIONS] = LiveSessions()
+    errors.install(app)
+    cors.install(app, services.settings.cors_origins)
+    app.register_blueprint(routes)
+    app.register_blueprint(ws)
+    app.register_blueprint(openapi)
+    return app
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    app: QuartTrio,
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    port: int | None = None,
+    ws_ping_interval: float | None = WS_PING_INTERVAL,
+    graceful_timeout: float = GRACEFUL_TIMEOUT,
+) -> None:
+    """Serve ``app`` on ``settings.host``:``settings.port`` (``port`` overrides it; 0 picks a
+    free one) until ``shutdown_trigger`` returns.
+
+    Reports ``started`` with the base URLs (``["http://127.0.0.1:54321"]``) once listening.
+    On shutdown it stops accepting, closes every WebSocket session with 1001 (so hypercorn's
+    graceful timeout is not spent waiting for them), lets requests in flight finish within
+    ``graceful_timeout`` and returns.
+    """
+    config = Config()
+    config.bind = [_bind(settings.host, settings.port if port is None else port)]
+    config.websocket_max_message_size = MAX_FRAME_BYTES
+    config.websocket_ping_interval = ws_ping_interval
+    config.graceful_timeout = graceful_timeout
+    config.accesslog = None
+    # Quart enforces MAX_CONTENT_LENGTH itself (as a 413); hypercorn's limits stay above it.
+    config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, MAX_BODY_BYTES)
+    sessions = live_sessions(app)
+
+    async def stop() -> None:
+        await shutdown_trigger()
+        sessions.close_all()
+
+    await hypercorn_serve(app, config, shutdown_trigger=stop, task_status=task_status)

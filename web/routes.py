@@ -1,0 +1,228 @@
+"""The REST routes of API.md: health, readiness, and positions.
+
+Reads go straight to storage; every write is a request to the persistence actor (``ask``),
+which commits before it answers. Handlers validate with the tables of ``web.schemas`` (the
+same ones ``/openapi.json`` documents) and raise ``ApiError`` or a known exception, which
+``web.errors`` turns into the JSON error body. Every success body is written by ``wire``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from quart import Blueprint, Response, current_app, request
+from tickguard.actors.mailbox import ask
+from tickguard.actors.messages import (
+    CloseOrder,
+    CloseOutcome,
+    CloseRequest,
+    CloseResult,
+    CreateRequest,
+    CreateResult,
+    NewPosition,
+)
+from tickguard.actors.wire import iso_millis, loads, position_to_json
+from tickguard.storage import DatabaseUnavailable
+from tickguard.storage import positions as store
+from tickguard.web.errors import ApiError, unavailable
+from tickguard.web.json import json_response
+from tickguard.web.schemas import (
+    CLOSE_POSITION,
+    CREATE_POSITION,
+    IDEMPOTENCY_KEY,
+    LIST_CLOSED,
+    LIST_POSITIONS,
+    USER_QUERY,
+    FieldError,
+    ValidationError,
+    validate,
+)
+from tickguard.web.services import AppServices, services_of
+from tickguard.web.symbols import SymbolRejected, ensure_symbol
+
+routes = Blueprint("routes", __name__)
+
+# The exact bracket messages of the earlier backend (API.md "Compatible core").
+LONG_TP = "For long positions, takeProfit must be above entryPrice."
+SHORT_TP = "For short positions, takeProfit must be below entryPrice."
+LONG_SL = "For long positions, stopLoss must be below entryPrice."
+SHORT_SL = "For short positions, stopLoss must be above entryPrice."
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _services() -> AppServices:
+    return services_of(current_app)
+
+
+async def _json_body() -> Any:
+    """The request body parsed as JSON (numbers as Decimal); 413 beyond 64 KiB, 400 if not
+    JSON."""
+    data = await request.get_data()  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        return loads(data)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The request body is not valid JSON.") from None
+
+
+def _position_id(raw: str) -> uuid.UUID:
+    """The path id as a UUID; 400 when malformed (a router converter would make it a 404)."""
+    if not _UUID.fullmatch(raw):
+        message = "id must be a UUID."
+        raise ApiError(400, message, {"id": message})
+    return uuid.UUID(raw)
+
+
+def bracket_error(side: str, entry: Decimal, tp: Decimal | None, sl: Decimal | None) -> str | None:
+    """The first broken bracket rule's exact message, or None when the bracket is valid."""
+    if side == "long":
+        if tp is not None and tp <= entry:
+            return LONG_TP
+        if sl is not None and sl >= entry:
+            return LONG_SL
+    else:
+        if tp is not None and tp >= entry:
+            return SHORT_TP
+        if sl is not None and sl <= entry:
+            return SHORT_SL
+    return None
+
+
+@routes.get("/health")
+async def health() -> Response:
+    return json_response(
+        {"ok": True, "service": "tickguard", "timestamp": iso_millis(datetime.now(UTC))}
+    )
+
+
+@routes.get("/ready")
+async def ready() -> Response:
+    services = _services()
+    feed = services.feed_status.snapshot() if services.feed_status is not None else {}
+    try:
+        await services.db.ping()
+    except DatabaseUnavailable:
+        body = {"ok": False, "database": "unavailable", "feed": feed}
+        return json_response(body, 503, {"Retry-After": "2"})
+    return json_response({"ok": True, "database": "ok", "feed": feed})
+
+
+@routes.post("/api/positions")
+async def create_position() -> Response:
+    services = _services()
+    values = validate(CREATE_POSITION, await _json_body())
+    key = request.headers.get(IDEMPOTENCY_KEY.name)
+    if key is not None:
+        try:
+            key = IDEMPOTENCY_KEY.parse(IDEMPOTENCY_KEY.name, key)
+        except FieldError as problem:
+            raise ApiError(400, str(problem), {IDEMPOTENCY_KEY.name: str(problem)}) from None
+    symbol: str = values["symbol"]
+    try:
+        await ensure_symbol(services, symbol)
+    except SymbolRejected:
+        message = f"Unknown symbol: {symbol} is not a valid product."
+        raise ApiError(400, message, {"symbol": message}) from None
+    entry: Decimal | None = values["entryPrice"]
+    if entry is None:
+        slot = services.slots.peek(symbol)
+        entry = slot.last_price if slot is not None else None
+        if entry is None:
+            message = f"entryPrice is required: there is no market price for {symbol} yet."
+            raise ApiError(400, message, {"entryPrice": message})
+    problem = bracket_error(values["side"], entry, values["takeProfit"], values["stopLoss"])
+    if problem is not None:
+        field = "takeProfit" if "takeProfit" in problem else "stopLoss"
+        raise ApiError(400, problem, {field: problem})
+    new = NewPosition(
+        user_id=values["userId"],
+        symbol=symbol,
+        side=values["side"],
+        entry_price=entry,
+        take_profit=values["takeProfit"],
+        stop_loss=values["stopLoss"],
+        idempotency_key=key,
+    )
+    result: CreateResult = await ask(
+        services.persistence,
+        lambda reply: CreateRequest(new=new, reply=reply),
+        timeout=services.request_timeout,
+    )
+    # A replay answers exactly like the first request did, and says so in a header.
+    headers = {} if result.created else {"Idempotent-Replayed": "true"}
+    return json_response({"data": position_to_json(result.position)}, 201, headers)
+
+
+@routes.get("/api/positions")
+async def list_positions() -> Response:
+    services = _services()
+    query = validate(LIST_POSITIONS, request.args)
+    page, cursor = await store.list_positions(
+        services.db, query["userId"], query["status"], query["limit"], query["cursor"]
+    )
+    return _page(page, cursor)
+
+
+@routes.get("/api/positions/closed")
+async def list_closed() -> Response:
+    services = _services()
+    query = validate(LIST_CLOSED, request.args)
+    page, cursor = await store.list_closed(
+        services.db, query["userId"], query["limit"], query["cursor"]
+    )
+    return _page(page, cursor)
+
+
+def _page(page: list[Any], cursor: str | None) -> Response:
+    body: dict[str, Any] = {"data": [position_to_json(p) for p in page]}
+    if cursor is not None:
+        body["nextCursor"] = cursor
+    return json_response(body)
+
+
+@routes.get("/api/positions/<position_id>")
+async def get_position(position_id: str) -> Response:
+    services = _services()
+    pid = _position_id(position_id)
+    query = validate(USER_QUERY, request.args)
+    position = await store.get_position(services.db, query["userId"], pid)
+    if position is None:
+        raise ApiError(404, "Position not found.")
+    return json_response({"data": position_to_json(position)})
+
+
+@routes.post("/api/positions/<position_id>/close")
+async def close_position(position_id: str) -> Response:
+    services = _services()
+    # 400 for a malformed id or body comes before any lookup (API.md: 400 → 404 → 409).
+    details: dict[str, str] = {}
+    try:
+        pid = _position_id(position_id)
+    except ApiError as bad_id:
+        details.update(bad_id.details or {})
+    body = await _json_body()
+    values: dict[str, Any] = {}
+    try:
+        values = validate(CLOSE_POSITION, body)
+    except ValidationError as bad_body:
+        details.update(bad_body.details)
+    if details:
+        raise ApiError(400, " ".join(details.values()), details)
+    order = CloseOrder(pid, values["closePrice"], values["reason"], user_id=values["userId"])
+    results: tuple[CloseResult, ...] = await ask(
+        services.persistence,
+        lambda reply: CloseRequest(orders=(order,), source="api", reply=reply),
+        timeout=services.request_timeout,
+    )
+    result = results[0]
+    if result.outcome is CloseOutcome.CLOSED and result.position is not None:
+        return json_response({"data": position_to_json(result.position)})
+    if result.outcome is CloseOutcome.NOT_FOUND:
+        raise ApiError(404, "Position not found.")
+    if result.outcome is CloseOutcome.ALREADY_CLOSED:
+        raise ApiError(409, "Position is already closed.")
+    raise unavailable("The position could not be closed; try again.")

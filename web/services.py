@@ -1,0 +1,62 @@
+"""What the web layer is given: the database, the actors' mailboxes, the feed's state.
+
+The supervisor builds one ``AppServices`` and passes it to ``create_app``; handlers find it in
+``app.extensions`` (never in a global).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import attrs
+from quart import Quart
+from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.window import WindowSlots
+from tickguard.config import Settings
+from tickguard.storage import Database
+
+EXTENSION = "tickguard"
+
+
+class FeedStatus(Protocol):
+    """The feed's per-product state, as ``/ready`` reports it."""
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+@attrs.define
+class WsStats:
+    """Counters of the /ws endpoint; only the endpoint writes them."""
+
+    opened: int = 0
+    rejected: int = 0
+    ignored_frames: int = 0
+    too_big: int = 0
+
+
+@attrs.frozen
+class AppServices:
+    """Everything the handlers use.
+
+    ``persistence`` takes ``CreateRequest``/``CloseRequest``; ``fanout`` takes the
+    ``Join``/``Leave`` of WebSocket sessions; ``feed`` (None until the feed actor is wired)
+    takes subscribe requests; ``slots`` hold each symbol's last price. ``request_timeout``
+    bounds each wait for an actor's answer (then 503).
+    """
+
+    settings: Settings
+    db: Database
+    persistence: Mailbox[Any]
+    fanout: Mailbox[Any]
+    feed: Mailbox[Any] | None = None
+    feed_status: FeedStatus | None = None
+    slots: WindowSlots = attrs.field(factory=WindowSlots)
+    metrics: Any = None
+    ws_stats: WsStats = attrs.field(factory=WsStats)
+    request_timeout: float = 10.0
+
+
+def services_of(app: Quart) -> AppServices:
+    """The ``AppServices`` that ``create_app`` stored in ``app``."""
+    services: AppServices = app.extensions[EXTENSION]
+    return services

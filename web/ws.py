@@ -1,0 +1,152 @@
+"""The ``/ws`` endpoint: one user's committed events, pushed as they commit.
+
+A session joins fanout, then reads the user's latest ``seq`` and announces it in
+``connection.ready``. Joining first means no event committed after that seq can be missed;
+dropping queued events with ``seq <= N`` means none the client already has is sent twice.
+The session then forwards what fanout queues for it and answers ``{"type": "ping"}`` with
+``{"type": "pong"}``; every other client frame is ignored and counted.
+
+Close codes: 1008 without a valid ``userId``; 1009 for a frame over 64 KiB (hypercorn
+enforces it, this checks again); 1013 when fanout dropped the session as a slow consumer;
+1012 when fanout restarts; 1001 when the server shuts down; 1011 when the database cannot
+give the starting seq.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from quart import Blueprint, current_app, websocket
+from quart_trio import QuartTrio
+from tickguard.actors.fanout import (
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    MESSAGE_TOO_BIG,
+    POLICY_VIOLATION,
+    Join,
+    Leave,
+    Session,
+    SessionClosed,
+)
+from tickguard.actors.wire import dumps, loads
+from tickguard.storage import DatabaseUnavailable
+from tickguard.storage.positions import latest_seq
+from tickguard.web.schemas import FieldError, parse_user_id
+from tickguard.web.services import WsStats, services_of
+
+log = logging.getLogger("tickguard.web.ws")
+
+MAX_FRAME_BYTES = 64 * 1024
+LIVE_SESSIONS = "tickguard.live_sessions"
+_PONG = dumps({"type": "pong"}).decode()
+
+ws = Blueprint("ws", __name__)
+
+
+class LiveSessions:
+    """The sessions this app is serving, so that shutdown can close each one with 1001."""
+
+    def __init__(self) -> None:
+        self._sessions: set[Session] = set()
+        self.closing = False
+
+    def add(self, session: Session) -> None:
+        self._sessions.add(session)
+
+    def discard(self, session: Session) -> None:
+        self._sessions.discard(session)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def close_all(self, code: int = GOING_AWAY, reason: str = "server shutting down") -> None:
+        """Close every session (their tasks send the close frame) and refuse new ones."""
+        self.closing = True
+        for session in list(self._sessions):
+            session.close(code, reason)
+
+
+def live_sessions(app: QuartTrio) -> LiveSessions:
+    sessions: LiveSessions = app.extensions[LIVE_SESSIONS]
+    return sessions
+
+
+@ws.websocket("/ws")
+async def events() -> None:
+    services = services_of(current_app)
+    live = live_sessions(current_app)  # type: ignore[arg-type]
+    stats = services.ws_stats
+    await websocket.accept()
+    try:
+        user_id = parse_user_id("userId", websocket.args.get("userId"))
+    except FieldError:
+        stats.rejected += 1
+        await websocket.close(POLICY_VIOLATION, "userId query param is required")
+        return
+    if live.closing:
+        await websocket.close(GOING_AWAY, "server shutting down")
+        return
+    stats.opened += 1
+    session = Session(user_id)
+    live.add(session)
+    try:
+        # Join before reading the seq: nothing committed after it can be missed.
+        await services.fanout.send(Join(session))
+        try:
+            seq = await latest_seq(services.db, user_id)
+        except DatabaseUnavailable as exc:
+            log.warning("no starting seq for a WebSocket session: %s", exc)
+            await websocket.close(INTERNAL_ERROR, "database unavailable")
+            return
+        session.skip_through(seq)
+        await websocket.send(
+            dumps(
+                {"type": "connection.ready", "message": "realtime channel established", "seq": seq}
+            ).decode()
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_listen, session, services.ws_stats)
+            await _forward(session)
+            nursery.cancel_scope.cancel()
+    finally:
+        # No awaits here: this also runs when the client vanished and the task is cancelled.
+        live.discard(session)
+        session.close(GOING_AWAY, "session ended")
+        try:
+            services.fanout.send_nowait(Leave(session))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # fanout also drops closed sessions by itself on their next event
+
+
+async def _forward(session: Session) -> None:
+    """Send what fanout queued for this session until it is closed, then close the socket
+    with the session's code."""
+    try:
+        while True:
+            await websocket.send(await session.next_message())
+    except SessionClosed as closed:
+        await websocket.close(closed.code, closed.reason)
+
+
+async def _listen(session: Session, stats: WsStats) -> None:
+    """Answer client pings; count and ignore every other frame; 1009 for an oversized one."""
+    while True:
+        frame = await websocket.receive()
+        size = len(frame.encode() if isinstance(frame, str) else frame)
+        if size > MAX_FRAME_BYTES:
+            stats.too_big += 1
+            session.close(MESSAGE_TOO_BIG, "frame too big")
+            return
+        if _is_ping(frame):
+            await websocket.send(_PONG)
+        else:
+            stats.ignored_frames += 1
+
+
+def _is_ping(frame: str | bytes) -> bool:
+    try:
+        message = loads(frame)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(message, dict) and message.get("type") == "ping"
