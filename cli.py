@@ -1,1 +1,142 @@
-def main(): print("ok")
+"""The ``tickguard`` command: serve (the default), migrate, db dump/restore, sim, --version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+from tickguard import __version__
+from tickguard.config import ConfigError, Settings, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tickguard",
+        description="Trading backend: stores positions, watches Coinbase's ticker and closes "
+        "take-profits and stop-losses server-side. Configuration comes from the environment "
+        "and a .env file (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"tickguard {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="run the service (the default)")
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    db = commands.add_parser("db", help="dump or restore the database")
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    dump = db_commands.add_parser("dump", help="write the database to FILE (pg_dump custom format)")
+    dump.add_argument("file", type=Path)
+    restore = db_commands.add_parser("restore", help="load a dump written by `db dump`")
+    restore.add_argument("file", type=Path)
+    commands.add_parser(
+        "sim",
+        help="run the Coinbase-protocol simulator (see `tickguard sim --help`)",
+        add_help=False,
+    )
+    return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        body = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    # hypercorn's access log is noise at info level
+    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["sim"]:
+        from tickguard.sim import main as sim_main
+
+        return sim_main(args_list[1:])
+    args = _parser().parse_args(args_list)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"tickguard: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    command = args.command or "serve"
+    if command == "serve":
+        from tickguard.supervisor import serve
+
+        return trio.run(serve, settings)
+    if command == "migrate":
+        return trio.run(_migrate, settings)
+    if command == "db":
+        return _db(settings, args.db_command, args.file)
+    raise AssertionError(command)
+
+
+async def _migrate(settings: Settings) -> int:
+    from tickguard.supervisor import open_storage
+
+    async with open_storage(settings):
+        logging.getLogger("tickguard").info("database is up to date")
+    return 0
+
+
+def _db(settings: Settings, action: str, file: Path) -> int:
+    """pg_dump / pg_restore of the configured database, with the bundled client binaries."""
+    from tickguard.storage.embedded import EmbeddedPostgres, bin_dir
+
+    server = None
+    dsn = settings.database_url
+    if dsn is None:
+        server = EmbeddedPostgres(settings.data_dir)
+        dsn = server.start()
+    try:
+        if action == "dump":
+            cmd = [
+                str(bin_dir() / "pg_dump"),
+                "--format=custom",
+                "--no-owner",
+                f"--file={file}",
+                f"--dbname={dsn}",
+            ]
+        else:
+            cmd = [
+                str(bin_dir() / "pg_restore"),
+                "--clean",
+                "--if-exists",
+                "--no-owner",
+                "--single-transaction",
+                f"--dbname={dsn}",
+                str(file),
+            ]
+        done = subprocess.run(cmd, check=False)
+        if done.returncode != 0:
+            print(f"tickguard: {cmd[0]} failed with exit code {done.returncode}", file=sys.stderr)
+            return 1
+        print(f"{'wrote' if action == 'dump' else 'restored'} {file}")
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from tickguard.cli import main
+
+sys.exit(main())
