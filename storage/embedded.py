@@ -224,6 +224,13 @@ class EmbeddedPostgres:
     # -- the cluster ----------------------------------------------------------------------
 
     def _initdb(self, account: pwd.struct_passwd | None) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            # A cluster itself (e.g. made by pgserver directly): never nest a second one in it.
+            raise EmbeddedDatabaseError(
+                f"{self.data_dir} is itself a PostgreSQL data directory; tickguard keeps its "
+                f"cluster in {self.pgdata.name}/ below TICKGUARD_DATA_DIR: move it to "
+                f"{self.pgdata} or choose another TICKGUARD_DATA_DIR"
+            )
         if self.pgdata.exists():
             raise EmbeddedDatabaseError(
                 f"{self.pgdata} exists but holds no PostgreSQL cluster (no PG_VERSION); "

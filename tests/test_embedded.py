@@ -242,6 +242,13 @@ def test_a_directory_without_a_cluster_is_not_overwritten(data_dir: Path) -> Non
     assert (data_dir / "pgdata" / "precious.txt").read_text() == "mine"
 
 
+def test_a_bare_cluster_as_data_directory_is_refused(template: Path, data_dir: Path) -> None:
+    shutil.copytree(template / "pgdata", data_dir, symlinks=True)
+    with pytest.raises(EmbeddedDatabaseError, match="is itself a PostgreSQL data directory"):
+        EmbeddedPostgres(data_dir).start()
+    assert not (data_dir / "pgdata").exists()
+
+
 def test_a_long_data_directory_gets_a_short_socket_directory(
     template: Path, tmp_path: Path
 ) -> None:
