@@ -242,6 +242,7 @@ class _Feed:
         self.waiters: dict[str, list[Watch]] = {}
         self.session: _Session | None = None
         self.backing_off = False
+        self.last_session: _Session | None = None
         self.changed = trio.Event()
         # Last ticker trade id per product, kept across reconnects to see jumps.
         self.last_trade_id: dict[str, int] = {}
@@ -316,11 +317,12 @@ class _Feed:
                 product = self.status.product(symbol)
                 if product.state != "stale":
                     product.state = "connecting"
-            session = None
+            self.last_session = None
             try:
-                session = await self.run_session()
+                await self.run_session()
             except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
                 log.warning("feed: connection to %s failed: %r", self.config.url, exc)
+            session = self.last_session
             if session is not None and session.recycle_reason == "idle":
                 continue
             if session is not None and session.delivered:
@@ -349,7 +351,7 @@ class _Feed:
             receive_buffer_size=65536,
             max_message_size=1 << 20,
         ) as ws:
-            session = _Session(ws)
+            session = self.last_session = _Session(ws)
             self.session = session
             self.status.connected = True
             try:
@@ -361,6 +363,9 @@ class _Feed:
             finally:
                 self.session = None
                 self.status.connected = False
+                # Answer now: closing a stuck connection can take a while.
+                for symbol in list(self.waiters):
+                    self.settle_waiters(symbol, SubscribeOutcome.PENDING)
             if session.recycle_reason and session.recycle_reason != "idle":
                 log.warning("feed: recycling connection: %s", session.recycle_reason)
             return session

@@ -1,0 +1,291 @@
+"""The feed actor against the running simulator (real sockets, virtual time)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+
+import pytest
+import trio
+import trio.testing
+from sim_fixtures import eventually
+from tickguard.actors.feed import (
+    FeedConfig,
+    FeedStatus,
+    SubscribeOutcome,
+    Unwatch,
+    Watch,
+    backoff_delay,
+    parse_ticker,
+    run,
+)
+from tickguard.actors.mailbox import Mailbox, ask
+from tickguard.actors.window import WindowSlots
+from tickguard.sim import Simulator, open_simulator
+
+PRODUCTS = {"BTC-USD": "65000.00", "ETH-USD": "3000.00", "SOL-USD": "150.00"}
+
+
+@pytest.fixture
+def autojump_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+class Harness:
+    def __init__(self, sim: Simulator, status: FeedStatus, slots: WindowSlots, mailbox) -> None:
+        self.sim, self.status, self.slots, self.mailbox = sim, status, slots, mailbox
+
+    async def watch(self, symbol: str) -> SubscribeOutcome:
+        return await ask(self.mailbox, lambda reply: Watch(symbol, reply), 3)
+
+    def state(self, symbol: str) -> str | None:
+        product = self.status.products.get(symbol)
+        return product.state if product else None
+
+
+@asynccontextmanager
+async def running_feed(products=("BTC-USD",), sim_options=None, **config) -> AsyncIterator[Harness]:
+    options = {"heartbeat_interval": 1.0, **(sim_options or {})}
+    async with open_simulator(PRODUCTS, **options) as sim:
+        settings = {
+            "reconnect_base_s": 0.5,
+            "reconnect_max_s": 8.0,
+            "heartbeat_timeout_s": 3.0,
+            "seed": 7,
+            **config,
+        }
+        feed_config = FeedConfig(sim.url, tuple(products), **settings)
+        slots, mailbox, status = WindowSlots(), Mailbox("feed"), FeedStatus()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run, feed_config, slots, mailbox, status)
+            harness = Harness(sim, status, slots, mailbox)
+            await eventually(lambda: all(harness.state(p) == "live" for p in products))
+            yield harness
+            nursery.cancel_scope.cancel()
+
+
+async def test_ticks_reach_the_window_slot_exactly(autojump_clock):
+    async with running_feed() as h:
+        await eventually(lambda: h.status.products["BTC-USD"].ticks == 1)
+        h.slots.get("BTC-USD").take_nowait()  # the stale ticker after the ack
+        for price in ("65010.10", "64990.01", "65000.5"):
+            h.sim.publish("BTC-USD", price)
+        await eventually(lambda: h.status.products["BTC-USD"].ticks == 4)
+        window = h.slots.get("BTC-USD").take_nowait()
+        assert window is not None and window.count == 3
+        assert window.low == Decimal("64990.01") and window.high == Decimal("65010.10")
+        assert window.last == Decimal("65000.5")
+
+
+async def test_one_product_per_subscribe_message_in_channel_object_form(autojump_clock):
+    async with running_feed(products=("BTC-USD", "ETH-USD", "SOL-USD")) as h:
+        subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
+        assert len(subscribes) == 3
+        for message in subscribes:
+            assert "product_ids" not in message
+            named = {p for channel in message["channels"] for p in channel["product_ids"]}
+            assert len(named) == 1
+            assert {c["name"] for c in message["channels"]} == {"ticker", "heartbeat"}
+        assert [m["channels"][0]["product_ids"][0] for m in subscribes] == [
+            "BTC-USD",
+            "ETH-USD",
+            "SOL-USD",
+        ]
+
+
+async def test_first_subscribe_within_the_deadline_and_never_kicked(autojump_clock):
+    async with running_feed(
+        products=("BTC-USD", "ETH-USD"), sim_options={"subscribe_deadline": 5}
+    ) as h:
+        (conn,) = h.sim.connections.values()
+        assert conn.first_subscribe_at - conn.connected_at < 5.0
+        await trio.sleep(20)
+        assert h.sim.stats()["deadline_kicks"] == 0
+        assert h.sim.stats()["connections_accepted"] == 1
+
+
+async def test_invalid_symbol_rejected_while_others_stay_subscribed(autojump_clock):
+    async with running_feed(products=("BTC-USD",)) as h:
+        outcome = await h.watch("NOPE-USD")
+        assert outcome == SubscribeOutcome.rejected("NOPE-USD is not a valid product")
+        assert h.state("NOPE-USD") == "rejected"
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        # Asked again: answered from memory, without another subscribe to Coinbase.
+        sent = len(h.sim.received)
+        assert (await h.watch("NOPE-USD")).status == "rejected"
+        assert len(h.sim.received) == sent
+        await eventually(lambda: h.status.products["BTC-USD"].ticks == 1)
+        h.slots.get("BTC-USD").take_nowait()
+        h.sim.publish("BTC-USD", "65100")
+        window = await h.slots.get("BTC-USD").take()
+        assert window.last == Decimal("65100")
+        assert h.sim.subscribers("BTC-USD") == 1 and h.sim.subscribers("ETH-USD") == 1
+
+
+async def test_malformed_and_unknown_messages_are_counted_and_skipped(autojump_clock):
+    async with running_feed() as h:
+        h.sim.send_malformed(6)
+        h.sim.send_unknown(3)
+        await eventually(lambda: h.status.products["BTC-USD"].ticks == 1)
+        h.slots.get("BTC-USD").take_nowait()
+        h.sim.publish("BTC-USD", "65001")
+        window = await h.slots.get("BTC-USD").take()
+        assert window.last == Decimal("65001") and window.count == 1
+        assert h.status.malformed == 6
+        assert h.status.unknown == 1  # status and l2update are known, ignored types
+        assert h.status.reconnects == 0
+
+
+async def test_resubscribes_everything_after_a_dropped_connection(autojump_clock):
+    async with running_feed(products=("BTC-USD", "ETH-USD")) as h:
+        assert await h.watch("SOL-USD") == SubscribeOutcome.ACCEPTED
+        h.sim.drop_all()
+        await eventually(lambda: h.sim.stats()["connections_accepted"] == 2)
+        await eventually(
+            lambda: all(h.sim.subscribers(p) == 1 for p in ("BTC-USD", "ETH-USD", "SOL-USD"))
+        )
+        assert h.status.reconnects == 1
+        subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
+        assert len(subscribes) == 6
+        await eventually(lambda: h.status.products["SOL-USD"].ticks == 1)
+        h.slots.get("SOL-USD").take_nowait()
+        h.sim.publish("SOL-USD", "151")
+        assert (await h.slots.get("SOL-USD").take()).last == Decimal("151")
+
+
+async def test_backoff_grows_within_bounds_and_resets_after_data(autojump_clock):
+    async with running_feed() as h:
+        h.sim.refuse_connections(60)
+        h.sim.drop_all()
+        await eventually(lambda: len(h.status.backoffs) >= 6, timeout=120)
+        attempts = list(h.status.backoffs)[:6]
+        assert [a for a, _ in attempts] == [0, 1, 2, 3, 4, 5]
+        for attempt, delay in attempts:
+            assert 0 <= delay <= min(8.0, 0.5 * 2**attempt)
+        assert any(delay > 0.5 for _, delay in attempts)  # it does grow (seeded)
+        h.sim.refuse_until = float("-inf")
+        await eventually(lambda: h.state("BTC-USD") == "live" and h.status.connected, 60)
+        h.sim.publish("BTC-USD", "65002")
+        await eventually(lambda: h.status.products["BTC-USD"].ticks >= 2)
+        before = len(h.status.backoffs)
+        h.sim.drop_all()
+        await eventually(lambda: len(h.status.backoffs) > before)
+        assert h.status.backoffs[-1][0] == 0
+
+
+def test_backoff_delay_full_jitter_bounds():
+    import random
+
+    rng = random.Random(1)
+    for attempt in range(80):
+        cap = min(30.0, 1.0 * 2**attempt)
+        samples = [backoff_delay(attempt, 1.0, 30.0, rng) for _ in range(50)]
+        assert all(0 <= s <= cap for s in samples)
+
+
+async def test_silent_product_is_stale_and_the_connection_recycled(autojump_clock):
+    async with running_feed(heartbeat_timeout_s=3.0) as h:
+        h.sim.stall(30)
+        await eventually(lambda: h.sim.stats()["connections_accepted"] >= 2, timeout=20)
+        assert h.status.reconnects >= 1
+        await eventually(lambda: h.state("BTC-USD") == "live" and h.status.connected, 20)
+
+
+async def test_stale_state_is_reported_while_silent(autojump_clock):
+    # Every connection stalls (refused reconnects): the product stays stale.
+    async with running_feed(heartbeat_timeout_s=3.0) as h:
+        h.sim.refuse_connections(100)
+        h.sim.stall(100)
+        await eventually(lambda: h.state("BTC-USD") == "stale", timeout=20)
+        snapshot = h.status.snapshot()
+        assert snapshot["products"]["BTC-USD"]["state"] == "stale"
+        assert snapshot["products"]["BTC-USD"]["age_s"] >= 3.0
+
+
+async def test_missed_trades_from_heartbeats_and_across_a_reconnect(autojump_clock):
+    async with running_feed() as h:
+        h.sim.skip_trade_ids("BTC-USD", 5)
+        await eventually(lambda: h.status.missed_trades == 5, timeout=20)
+        assert h.status.missed_gaps == 1
+        # Disconnected while three trades happen: the stale ticker shows the jump.
+        h.sim.refuse_connections(3)
+        h.sim.drop_all()
+        for price in ("65001", "65002", "65003"):
+            h.sim.publish("BTC-USD", price)
+        await eventually(lambda: h.status.missed_gaps == 2, timeout=30)
+        assert h.status.missed_trades == 5 + 2
+        assert h.status.products["BTC-USD"].missed_trades == 7
+        # The last of the three arrived as the stale ticker after the ack.
+        assert h.slots.get("BTC-USD").last_price == Decimal("65003")
+
+
+async def test_unwatch_lingers_then_unsubscribes_and_rewatch_subscribes(autojump_clock):
+    async with running_feed(linger_s=10.0) as h:
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        await h.mailbox.send(Unwatch("ETH-USD"))
+        await trio.sleep(5)
+        assert h.sim.subscribers("ETH-USD") == 1
+        await eventually(lambda: h.sim.subscribers("ETH-USD") == 0, timeout=20)
+        assert [m["type"] for m in h.sim.received].count("unsubscribe") == 1
+        assert "ETH-USD" not in h.status.products
+        # Always-subscribed products are never dropped.
+        await h.mailbox.send(Unwatch("BTC-USD"))
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        assert h.sim.subscribers("ETH-USD") == 1
+        await trio.sleep(70)
+        assert h.sim.subscribers("BTC-USD") == 1 and h.sim.subscribers("ETH-USD") == 1
+
+
+async def test_watch_during_linger_keeps_the_subscription(autojump_clock):
+    async with running_feed(linger_s=10.0) as h:
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        await h.mailbox.send(Unwatch("ETH-USD"))
+        await trio.sleep(5)
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        await trio.sleep(30)
+        assert h.sim.subscribers("ETH-USD") == 1
+        assert [m["type"] for m in h.sim.received].count("unsubscribe") == 0
+
+
+async def test_watch_racing_an_unsubscribe_resubscribes(autojump_clock):
+    async with running_feed(linger_s=1.0) as h:
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        h.sim.delay_acks(2)  # the unsubscribe is in flight for 2 s
+        await h.mailbox.send(Unwatch("ETH-USD"))
+        await eventually(lambda: h.sim.stats()["unsubscribes_received"] == 1)
+        outcome = await ask(h.mailbox, lambda reply: Watch("ETH-USD", reply), 10)
+        assert outcome == SubscribeOutcome.ACCEPTED
+        assert h.sim.subscribers("ETH-USD") == 1
+
+
+async def test_watch_while_disconnected_is_pending_then_subscribed(autojump_clock):
+    async with running_feed() as h:
+        h.sim.refuse_connections(20)
+        h.sim.drop_all()
+        await eventually(lambda: len(h.status.backoffs) >= 1 and not h.status.connected)
+        await eventually(lambda: h.status.backoffs and not h.status.connected)
+        outcome = await h.watch("SOL-USD")
+        assert outcome in (SubscribeOutcome.PENDING, SubscribeOutcome.ACCEPTED)
+        await eventually(lambda: h.sim.subscribers("SOL-USD") == 1, timeout=60)
+
+
+async def test_ack_timeout_recycles_the_connection(autojump_clock):
+    async with running_feed(ack_timeout_s=2.0) as h:
+        h.sim.delay_acks(5)
+        outcome = await h.watch("ETH-USD")
+        assert outcome == SubscribeOutcome.PENDING
+        await eventually(lambda: h.status.reconnects >= 1)
+        h.sim.delay_acks(0)
+        await eventually(lambda: h.sim.subscribers("ETH-USD") == 1, timeout=60)
+
+
+def test_parse_ticker_is_exact():
+    text = (
+        '{"type":"ticker","sequence":1,"product_id":"ETH-USD","price":"1285.22",'
+        '"time":"2022-10-19T23:28:22.061769Z","trade_id":370843401,"last_size":"11.4396987"}'
+    )
+    product, price, trade_id, time = parse_ticker(text)
+    assert (product, price, trade_id) == ("ETH-USD", Decimal("1285.22"), 370843401)
+    assert time.microsecond == 61769 and time.utcoffset().total_seconds() == 0
+    assert parse_ticker(text.replace('"1285.22"', '"NaN"')) is None
