@@ -73,6 +73,7 @@ class EngineDirectory:
         self.feed_box = feed_box
         self.engine_config = engine_config
         self.mailboxes: dict[str, Mailbox[Track | Untrack]] = {}
+        self.stats: dict[str, engine.EngineStats] = {}  # per symbol, across engine restarts
         self.supervisor = Supervisor([ChildSpec("engine-starter", self._run_starter)])
         self._wanted_send, self._wanted = trio.open_memory_channel[str](math.inf)
 
@@ -110,6 +111,7 @@ class EngineDirectory:
             self.persistence_box,
             functools.partial(store.open_positions, self.db),
             config=self.engine_config,
+            stats=self.stats.setdefault(symbol, engine.EngineStats()),
         )
         await self.supervisor.start_child(
             ChildSpec(child_id, start, mailboxes=(self.mailboxes[symbol],))
@@ -130,6 +132,7 @@ class Tree:
     feed_status: feed.FeedStatus
     engines: EngineDirectory
     app: Any
+    urls: list[str]  # where web listens, once it started (port 0 picks a free port)
 
 
 def feed_config(settings: Settings) -> feed.FeedConfig:
@@ -170,6 +173,7 @@ def build_tree(
         )
     )
     grace_s = settings.shutdown_grace_ms / 1000
+    urls: list[str] = []
     children = [
         ChildSpec(
             "persistence",
@@ -188,7 +192,11 @@ def build_tree(
             graceful=True,
             grace_s=grace_s,
         ),
-        ChildSpec("fanout", functools.partial(fanout.run, fanout_box), mailboxes=(fanout_box,)),
+        ChildSpec(
+            "fanout",
+            functools.partial(fanout.run, fanout_box, config=fanout.FanoutConfig()),
+            mailboxes=(fanout_box,),
+        ),
         ChildSpec(
             "feed",
             functools.partial(feed.run, feed_config(settings), slots, feed_box, feed_status),
@@ -197,7 +205,7 @@ def build_tree(
         ChildSpec("engines", engines.supervisor.run, graceful=True, grace_s=grace_s),
         ChildSpec(
             "web",
-            functools.partial(_web, serve, app, settings),
+            functools.partial(_web, serve, app, settings, urls),
             graceful=True,
             grace_s=grace_s,
         ),
@@ -216,6 +224,7 @@ def build_tree(
         feed_status,
         engines,
         app,
+        urls,
     )
 
 
@@ -223,11 +232,18 @@ async def _web(
     serve: Any,
     app: Any,
     settings: Settings,
+    urls: list[str],
     *,
     stopping: trio.Event,
-    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve(app, settings, shutdown_trigger=stopping.wait, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            functools.partial(serve, app, settings, shutdown_trigger=stopping.wait)
+        )
+        urls[:] = bound
+        log.info("listening on %s", " ".join(bound))
+        task_status.started()
 
 
 @asynccontextmanager
@@ -285,15 +301,16 @@ async def serve(
         async def run_tree(*, task_status: trio.TaskStatus[None]) -> None:
             outcome["overran"] = await run_until_signalled(tree.supervisor, task_status=task_status)
 
+        gave_up: list[BaseException] = []
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(run_tree)
-                log.info("listening on http://%s:%d", settings.host, settings.port)
                 task_status.started(tree)
         except* SupervisorGaveUp as group:
-            gave_up = group.exceptions[0]
-            log.error("shutting down: %s", gave_up)
-            return 1
+            gave_up += group.exceptions
+    if gave_up:
+        log.error("shutting down: %s", gave_up[0])
+        return 1
     overran = outcome.get("overran", ())
     if overran:
         log.error("shutdown overran its grace period in: %s", ", ".join(overran))
