@@ -14,26 +14,25 @@ connection. Malformed and unknown messages are counted and skipped, never raised
 
 from __future__ import annotations
 
+import base64
 import collections
+import hashlib
 import json
 import logging
 import math
+import os
 import random
+import ssl
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import attrs
 import msgspec
 import trio
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
-from trio_websocket import (
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +160,12 @@ class FeedStatus:
 
 
 # ------------------------------------------------------------------ wire format
-class _Channel(msgspec.Struct):
+class _Channel(msgspec.Struct, gc=False):
     name: str
     product_ids: list[str] = []
 
 
-class _Message(msgspec.Struct):
+class _Message(msgspec.Struct, gc=False):
     """Every field tickguard reads from any feed message; the rest is skipped unparsed."""
 
     type: str
@@ -205,6 +204,155 @@ def _valid_ticker(msg: _Message) -> bool:
     )
 
 
+# ------------------------------------------------------------------ the socket
+class FeedConnectionClosed(Exception):
+    """The market-data socket ended (EOF, close frame, protocol error, failed handshake)."""
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_MESSAGE = 1 << 20
+
+
+class _FeedSocket:
+    """A WebSocket client for a server that streams small text messages.
+
+    Frames are parsed here rather than by a general-purpose library: the feed reads tens of
+    thousands of messages a second and handles a whole read's worth in one go, without a
+    task switch per message. Server frames are never masked; client frames always are.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, buffered: bytes) -> None:
+        self.stream = stream
+        self.buffer = bytearray(buffered)
+        self.parts: list[bytes] = []
+        self.send_lock = trio.Lock()
+
+    @classmethod
+    async def connect(cls, url: str) -> _FeedSocket:
+        """Open the TCP (TLS for wss) stream and do the opening handshake."""
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        host = parts.hostname or "localhost"
+        port = parts.port or (443 if secure else 80)
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        try:
+            if secure:
+                stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host)
+            key = base64.b64encode(os.urandom(16))
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            await stream.send_all(
+                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            head = bytearray()
+            while b"\r\n\r\n" not in head:
+                data = await stream.receive_some(65536)
+                if not data or len(head) > 65536:
+                    raise FeedConnectionClosed("handshake: connection closed")
+                head += data
+            response, _, rest = bytes(head).partition(b"\r\n\r\n")
+            lines = response.split(b"\r\n")
+            if lines[0].split(b" ")[1:2] != [b"101"]:
+                raise FeedConnectionClosed(f"handshake refused: {lines[0].decode('latin-1')}")
+            accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+            headers = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(b":") for line in lines[1:])
+            }
+            if headers.get(b"sec-websocket-accept") != accept:
+                raise FeedConnectionClosed("handshake: bad Sec-WebSocket-Accept")
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return cls(stream, rest)
+
+    async def receive_batch(self) -> list[bytes]:
+        """The complete text messages of the next read (at least one); raises
+        ``FeedConnectionClosed`` when the socket ends."""
+        while True:
+            messages = await self._parse()
+            if messages:
+                return messages
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+                raise FeedConnectionClosed(repr(exc)) from exc
+            if not data:
+                raise FeedConnectionClosed("EOF")
+            self.buffer += data
+
+    async def _parse(self) -> list[bytes]:
+        buf, pos, messages = self.buffer, 0, []
+        size = len(buf)
+        while size - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            length, start = second & 0x7F, pos + 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, start = int.from_bytes(buf[pos + 2 : pos + 4], "big"), pos + 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, start = int.from_bytes(buf[pos + 2 : pos + 10], "big"), pos + 10
+            if second & 0x80:
+                raise FeedConnectionClosed("protocol error: masked server frame")
+            if length > _MAX_MESSAGE:
+                raise FeedConnectionClosed("message too big")
+            end = start + length
+            if end > size:
+                break
+            payload = bytes(buf[start:end])
+            pos = end
+            opcode = first & 0x0F
+            if opcode in (0x1, 0x2, 0x0):
+                if first & 0x80 and not self.parts:
+                    messages.append(payload)
+                else:
+                    self.parts.append(payload)
+                    if first & 0x80:
+                        messages.append(b"".join(self.parts))
+                        self.parts = []
+            elif opcode == 0x9:
+                await self._send_frame(0xA, payload)
+            elif opcode == 0x8:
+                raise FeedConnectionClosed("closed by server")
+        del buf[:pos]
+        return messages
+
+    async def _send_frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            header = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        masked = (
+            int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+        ).to_bytes(n, "big")
+        async with self.send_lock:
+            try:
+                await self.stream.send_all(header + mask + masked)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+                raise FeedConnectionClosed(repr(exc)) from exc
+
+    async def send_text(self, text: str) -> None:
+        await self._send_frame(0x1, text.encode())
+
+    async def aclose(self) -> None:
+        """Send a close frame (best effort, briefly) and close the stream."""
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            try:
+                await self._send_frame(0x8, (1000).to_bytes(2, "big"))
+            except FeedConnectionClosed:
+                pass
+            await trio.aclose_forcefully(self.stream)
+
+
 # ------------------------------------------------------------------ the actor
 class _Recycle(Exception):
     """End this connection and reconnect (stale product, ack timeout)."""
@@ -213,7 +361,7 @@ class _Recycle(Exception):
 class _Session:
     """One open connection's subscription state."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: _FeedSocket) -> None:
         self.ws = ws
         self.subscribed: set[str] = set()
         self.in_flight: tuple[str, str] | None = None
@@ -320,7 +468,7 @@ class _Feed:
             self.last_session = None
             try:
                 await self.run_session()
-            except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
+            except (OSError, FeedConnectionClosed, trio.TooSlowError) as exc:
                 log.warning("feed: connection to %s failed: %r", self.config.url, exc)
             session = self.last_session
             if session is not None and session.recycle_reason == "idle":
@@ -343,14 +491,9 @@ class _Feed:
 
     async def run_session(self) -> _Session:
         config = self.config
-        async with open_websocket_url(
-            config.url,
-            connect_timeout=config.connect_timeout_s,
-            disconnect_timeout=1.0,
-            message_queue_size=4096,
-            receive_buffer_size=65536,
-            max_message_size=1 << 20,
-        ) as ws:
+        with trio.fail_after(config.connect_timeout_s):
+            ws = await _FeedSocket.connect(config.url)
+        try:
             session = self.last_session = _Session(ws)
             self.session = session
             self.status.connected = True
@@ -366,23 +509,30 @@ class _Feed:
                 # Answer now: closing a stuck connection can take a while.
                 for symbol in list(self.waiters):
                     self.settle_waiters(symbol, SubscribeOutcome.PENDING)
-            if session.recycle_reason and session.recycle_reason != "idle":
-                log.warning("feed: recycling connection: %s", session.recycle_reason)
-            return session
+        finally:
+            await ws.aclose()
+        if session.recycle_reason and session.recycle_reason != "idle":
+            log.warning("feed: recycling connection: %s", session.recycle_reason)
+        return session
 
     async def read(self, session: _Session) -> None:
         """Take every message off the socket; returns when the server closed it."""
         ws = session.ws
+        on_message = self.on_message
         while True:
             try:
-                data = await ws.get_message()
-            except ConnectionClosed:
+                batch = await ws.receive_batch()
+            except FeedConnectionClosed as exc:
+                log.info("feed: connection ended: %s", exc)
                 return
             session.delivered = True
-            self.on_message(session, data)
+            now = trio.current_time()
+            for data in batch:
+                on_message(session, data, now)
 
-    def on_message(self, session: _Session, data: str | bytes) -> None:
-        """Parse one message and act on it; never raises for bad input, never blocks."""
+    def on_message(self, session: _Session, data: str | bytes, now: float) -> None:
+        """Parse one message (received at Trio time ``now``) and act on it; never raises for
+        bad input, never blocks."""
         try:
             msg = _decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -393,12 +543,12 @@ class _Feed:
             if not _valid_ticker(msg):
                 self.status.malformed += 1
                 return
-            self.on_ticker(session, msg)
+            self.on_ticker(session, msg, now)
         elif kind == "heartbeat":
             if msg.product_id is None or msg.last_trade_id is None:
                 self.status.malformed += 1
                 return
-            self.on_heartbeat(msg.product_id, msg.last_trade_id)
+            self.on_heartbeat(msg.product_id, msg.last_trade_id, now)
         elif kind == "subscriptions":
             session.answers_send.send_nowait(msg)
         elif kind == "error":
@@ -412,11 +562,11 @@ class _Feed:
         else:
             self.status.unknown += 1
 
-    def on_ticker(self, session: _Session, msg: _Message) -> None:
+    def on_ticker(self, session: _Session, msg: _Message, now: float) -> None:
         product: str = msg.product_id  # type: ignore[assignment]
         trade_id: int = msg.trade_id  # type: ignore[assignment]
-        status = self.status.product(product)
-        status.last_message_at = trio.current_time()
+        status = self.status.products.get(product) or self.status.product(product)
+        status.last_message_at = now
         if status.state != "live" and product in session.subscribed:
             status.state = "live"
         last = self.last_trade_id.get(product)
@@ -430,13 +580,14 @@ class _Feed:
             self.status.duplicates += 1
             return
         self.last_trade_id[product] = trade_id
-        self.ahead.pop(product, None)
+        if self.ahead:
+            self.ahead.pop(product, None)
         status.ticks += 1
         self.slots.get(product).put(msg.price, trade_id, msg.time)  # type: ignore[arg-type]
 
-    def on_heartbeat(self, product: str, last_trade_id: int) -> None:
+    def on_heartbeat(self, product: str, last_trade_id: int, now: float) -> None:
         status = self.status.product(product)
-        status.last_message_at = trio.current_time()
+        status.last_message_at = now
         if status.state == "stale":
             status.state = "live"
         last = self.last_trade_id.get(product)
@@ -484,17 +635,22 @@ class _Feed:
             op, symbol = todo
             session.in_flight = todo
             channel = [symbol]
-            await session.ws.send_message(
-                json.dumps(
-                    {
-                        "type": op,
-                        "channels": [
-                            {"name": "ticker", "product_ids": channel},
-                            {"name": "heartbeat", "product_ids": channel},
-                        ],
-                    }
+            try:
+                await session.ws.send_text(
+                    json.dumps(
+                        {
+                            "type": op,
+                            "channels": [
+                                {"name": "ticker", "product_ids": channel},
+                                {"name": "heartbeat", "product_ids": channel},
+                            ],
+                        }
+                    )
                 )
-            )
+            except FeedConnectionClosed:
+                # The reader sees the end of the socket too and ends the session.
+                scope.cancel()
+                return
             answer: _Message | None = None
             with trio.move_on_after(self.config.ack_timeout_s):
                 answer = await session.answers.receive()
