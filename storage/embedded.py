@@ -448,12 +448,25 @@ def _grant_search(path: Path, account: pwd.struct_passwd) -> None:
 
 def _open_bundle_to(account: pwd.struct_passwd) -> None:
     """Make the bundled PostgreSQL readable and runnable by the server's user; a no-op when
-    it already is (pip installs it so), needed when unpacked privately (PyInstaller)."""
+    it already is (pip installs it so), needed when unpacked privately (PyInstaller).
+
+    That is pginstall and the pgserver.libs directory beside the package, from which
+    initdb, pg_dump and psql load libpq (their RPATH is $ORIGIN/../../../pgserver.libs)."""
     install = bin_dir().parent
     _grant_search(install, account)
     if (install / "bin" / "postgres").stat().st_mode & stat.S_IXOTH:
         return
-    for root, dirs, files in os.walk(install):
+    _open_tree(install)
+    libs = install.parent.parent / "pgserver.libs"
+    if libs.is_dir():
+        _open_tree(libs)
+
+
+def _open_tree(top: Path) -> None:
+    """Add read for others to everything below ``top``, and search/execute where the owner
+    has it."""
+    _add_mode(top, stat.S_IROTH | stat.S_IXOTH)
+    for root, dirs, files in os.walk(top):
         for name in dirs:
             _add_mode(Path(root) / name, stat.S_IROTH | stat.S_IXOTH)
         for name in files:
