@@ -1,0 +1,343 @@
+"""The engine actor: one per symbol, closes that symbol's positions when a window triggers them.
+
+It owns the symbol's open positions (a ``TriggerIndex``) and nothing else. It takes windows from
+its ``WindowSlot`` (never blocking the feed, which only puts), follows Track/Untrack from
+persistence, and hands triggered positions to persistence as ``CloseRequest`` batches. Closing
+runs in its own task, so a slow or failing persistence never stops the engine from taking
+windows; triggered positions stay out of the index while their close is pending, so they are
+never judged twice nor sent twice at the same time.
+
+Shutdown and restarts: when the engine is cancelled (or crashes), every close it triggered and
+has not seen answered is handed to persistence fire-and-forget (``reply=None``). That includes a
+batch whose request was in flight, since the engine cannot tell whether it reached persistence's
+mailbox before the cancel; a duplicate is answered ``already_closed`` and emits nothing
+(invariant 2). What persistence does not commit before it stops is not lost state: those
+positions are still open in the database and are reloaded, and judged again, on the next start
+(invariant 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+import attrs
+import trio
+from tickguard.actors.mailbox import Mailbox, ask
+from tickguard.actors.messages import (
+    CloseOrder,
+    CloseOutcome,
+    CloseRequest,
+    CloseResult,
+    Position,
+    Track,
+    Untrack,
+)
+from tickguard.actors.triggers import Trigger, TriggerIndex
+from tickguard.actors.window import TickWindow, WindowSlot
+
+log = logging.getLogger(__name__)
+
+LoadOpen = Callable[[str], Awaitable[list[Position]]]
+
+
+@attrs.frozen
+class EngineConfig:
+    """Timing of the engine's round trips to persistence and to the database, in seconds."""
+
+    close_timeout_s: float = 10.0  # one CloseRequest round trip; past it the batch is retried
+    retry_base_s: float = 0.5  # first retry delay of a failed close; doubles per attempt
+    retry_max_s: float = 30.0  # cap of the retry delay; failed closes are retried forever
+    load_timeout_s: float = 30.0  # load_open at start; past it the engine fails (and restarts)
+
+
+@attrs.define
+class EngineStats:
+    """Counters for /metrics; the supervisor keeps one per symbol across engine restarts."""
+
+    starts: int = 0
+    positions_open: int = 0  # watched by the index (not counting closes pending)
+    windows_judged: int = 0
+    ticks_judged: int = 0
+    stop_losses: int = 0
+    take_profits: int = 0
+    closes_pending: int = 0  # triggered, not yet answered closed/already_closed/not_found
+    closes_confirmed: int = 0  # persistence answered CLOSED
+    closes_lost_race: int = 0  # ALREADY_CLOSED or NOT_FOUND: someone else closed it first
+    close_failures: int = 0  # orders answered FAILED, or in a request that failed as a whole
+    handed_over: int = 0  # orders sent fire-and-forget when the engine stopped
+    last_window_latency_s: float | None = None  # time spent judging the last window
+    last_window_time: datetime | None = None  # its last trade time
+
+    @property
+    def triggers(self) -> int:
+        return self.stop_losses + self.take_profits
+
+
+async def run(
+    symbol: str,
+    slot: WindowSlot,
+    inbox: Mailbox[Track | Untrack],
+    persistence: Mailbox[CloseRequest],
+    load_open: LoadOpen,
+    *,
+    config: EngineConfig = EngineConfig(),
+    stats: EngineStats | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the engine of ``symbol`` until cancelled.
+
+    Receives: windows from ``slot`` (take only), Track/Untrack from ``inbox``. Sends:
+    CloseRequest batches to ``persistence``. On start it loads the symbol's open positions with
+    ``load_open(symbol)`` (bounded by ``config.load_timeout_s``) and only then reports started.
+    Never blocks the feed, never writes the database itself, never judges a position against a
+    window made only of trades older than it (invariant 10).
+    """
+    stats = stats if stats is not None else EngineStats()
+    with trio.fail_after(config.load_timeout_s):
+        loaded = await load_open(symbol)
+    closer = _Closer(symbol, persistence, config, stats)
+    engine = _Engine(symbol, TriggerIndex(), closer, stats)
+    for position in loaded:
+        engine.watch(position)
+    stats.starts += 1
+    log.info("engine %s started with %d open positions", symbol, len(loaded))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(closer.run)
+        nursery.start_soon(_take_windows, slot, engine)
+        nursery.start_soon(_follow_inbox, inbox, slot, engine)
+        task_status.started()
+
+
+async def _take_windows(slot: WindowSlot, engine: _Engine) -> None:
+    while True:
+        engine.judge(await slot.take())
+
+
+async def _follow_inbox(inbox: Mailbox[Track | Untrack], slot: WindowSlot, engine: _Engine) -> None:
+    while True:
+        message = await inbox.receive()
+        if isinstance(message, Track):
+            # Invariant 10: the pending window holds prices from before this position existed;
+            # judge it against the positions that were already there, then insert.
+            pending = slot.take_nowait()
+            if pending is not None:
+                engine.judge(pending)
+            engine.watch(message.position)
+        elif isinstance(message, Untrack):
+            engine.unwatch(message.position_id)
+        else:
+            log.error("engine %s: ignoring unexpected message %r", engine.symbol, message)
+
+
+class _Engine:
+    """The engine's state between awaits: the index and what it hands to the closer."""
+
+    def __init__(self, symbol: str, index: TriggerIndex, closer: _Closer, stats: EngineStats):
+        self.symbol = symbol
+        self._index = index
+        self._closer = closer
+        self._stats = stats
+
+    def watch(self, position: Position) -> None:
+        """Insert (or refresh) an open position of this symbol; anything else is ignored."""
+        if position.symbol != self.symbol or position.status != "open":
+            log.warning(
+                "engine %s: not watching %s (%s, %s)",
+                self.symbol,
+                position.id,
+                position.symbol,
+                position.status,
+            )
+            return
+        if position.id in self._closer:
+            return  # already triggered, its close is pending: never judge it twice
+        self._index.add(position)
+        self._stats.positions_open = len(self._index)
+
+    def unwatch(self, position_id: uuid.UUID) -> None:
+        """The position closed by some path: stop watching it and drop any retry of its close."""
+        self._index.remove(position_id)
+        self._closer.forget(position_id)
+        self._stats.positions_open = len(self._index)
+
+    def judge(self, window: TickWindow) -> None:
+        """Judge one window and hand what it triggered to the closer, as one batch."""
+        started = time.perf_counter()
+        triggers = self._index.judge(window)
+        if triggers:
+            self._closer.submit(_orders(triggers, window.last_time))
+        stats = self._stats
+        stats.windows_judged += 1
+        stats.ticks_judged += window.count
+        stats.stop_losses += sum(1 for t in triggers if t.reason == "stop_loss")
+        stats.take_profits += sum(1 for t in triggers if t.reason == "take_profit")
+        stats.positions_open = len(self._index)
+        stats.last_window_time = window.last_time
+        stats.last_window_latency_s = time.perf_counter() - started
+
+
+def _orders(triggers: Iterable[Trigger], triggered_at: datetime) -> list[CloseOrder]:
+    return [
+        CloseOrder(t.position_id, price=t.price, reason=t.reason, triggered_at=triggered_at)
+        for t in triggers
+    ]
+
+
+class _Closer:
+    """Hands triggered closes to persistence, one request at a time, retrying only FAILED ids.
+
+    Each order is in exactly one place: ready (to send), in flight (one request, awaiting its
+    reply) or waiting (a failed close, until its backoff is due). Orders that become ready while
+    a request is in flight go out together in the next request.
+    """
+
+    def __init__(
+        self,
+        symbol: str,
+        persistence: Mailbox[CloseRequest],
+        config: EngineConfig,
+        stats: EngineStats,
+    ) -> None:
+        self._symbol = symbol
+        self._persistence = persistence
+        self._config = config
+        self._stats = stats
+        self._ready: dict[uuid.UUID, CloseOrder] = {}
+        self._in_flight: dict[uuid.UUID, CloseOrder] = {}
+        self._waiting: dict[uuid.UUID, tuple[CloseOrder, float]] = {}  # order, due time
+        self._attempts: dict[uuid.UUID, int] = {}
+        self._wake = trio.Event()
+
+    def __contains__(self, position_id: object) -> bool:
+        return (
+            position_id in self._ready
+            or position_id in self._in_flight
+            or position_id in self._waiting
+        )
+
+    def submit(self, orders: Iterable[CloseOrder]) -> None:
+        """Queue new closes to send as soon as no request is in flight. Never blocks."""
+        for order in orders:
+            self._ready[order.position_id] = order
+        self._count_pending()
+        self._wake.set()
+
+    def forget(self, position_id: uuid.UUID) -> None:
+        """Drop a close not yet sent or waiting for a retry (the position closed elsewhere).
+
+        A close in flight is left to its reply; if that reply is FAILED, the retry is
+        answered already_closed, which is harmless.
+        """
+        self._ready.pop(position_id, None)
+        self._waiting.pop(position_id, None)
+        self._attempts.pop(position_id, None)
+        self._count_pending()
+
+    async def run(self) -> None:
+        """Send due closes until cancelled; on the way out, hand over what is unanswered."""
+        try:
+            while True:
+                await self._until_due()
+                await self._send(self._take_due())
+        finally:
+            self._hand_over()
+
+    async def _until_due(self) -> None:
+        while not self._ready and self._next_due() > trio.current_time():
+            with trio.move_on_at(self._next_due()):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def _next_due(self) -> float:
+        return min((due for _, due in self._waiting.values()), default=math.inf)
+
+    def _take_due(self) -> list[CloseOrder]:
+        now = trio.current_time()
+        batch = list(self._ready.values())
+        self._ready.clear()
+        for position_id, (order, due) in list(self._waiting.items()):
+            if due <= now:
+                del self._waiting[position_id]
+                batch.append(order)
+        self._in_flight = {order.position_id: order for order in batch}
+        return batch
+
+    async def _send(self, batch: list[CloseOrder]) -> None:
+        orders = tuple(batch)
+        try:
+            results = await ask(
+                self._persistence,
+                lambda reply: CloseRequest(orders=orders, source="engine", reply=reply),
+                timeout=self._config.close_timeout_s,
+            )
+            failed = self._settle(orders, results)
+        # Persistence answered with an error, died holding the request (ActorUnavailable), or
+        # did not answer in time (TooSlowError): the whole batch is retried, nothing is lost.
+        except Exception as exc:
+            log.warning(
+                "engine %s: close request of %d failed (%r); retrying",
+                self._symbol,
+                len(orders),
+                exc,
+            )
+            failed = list(orders)
+        self._in_flight = {}
+        self._retry_later(failed)
+        self._count_pending()
+
+    def _settle(self, orders: tuple[CloseOrder, ...], results: Any) -> list[CloseOrder]:
+        """Count the outcomes; returns the orders to retry (FAILED, or missing from the reply)."""
+        if not isinstance(results, tuple) or not all(isinstance(r, CloseResult) for r in results):
+            raise TypeError(f"a CloseRequest was answered with {type(results).__name__}")
+        outcomes = {r.position_id: r.outcome for r in results}
+        failed: list[CloseOrder] = []
+        for order in orders:
+            outcome = outcomes.get(order.position_id, CloseOutcome.FAILED)
+            if outcome is CloseOutcome.FAILED:
+                failed.append(order)
+                continue
+            self._attempts.pop(order.position_id, None)
+            if outcome is CloseOutcome.CLOSED:
+                self._stats.closes_confirmed += 1
+            else:
+                self._stats.closes_lost_race += 1
+        return failed
+
+    def _retry_later(self, failed: list[CloseOrder]) -> None:
+        now = trio.current_time()
+        for order in failed:
+            attempt = self._attempts.get(order.position_id, 0) + 1
+            self._attempts[order.position_id] = attempt
+            delay = min(self._config.retry_max_s, self._config.retry_base_s * 2 ** (attempt - 1))
+            self._waiting[order.position_id] = (order, now + delay)
+        self._stats.close_failures += len(failed)
+
+    def _hand_over(self) -> None:
+        """Send every unanswered close fire-and-forget; synchronous, so it runs while cancelled."""
+        orders = [*self._in_flight.values(), *self._ready.values()]
+        orders.extend(order for order, _ in self._waiting.values())
+        self._in_flight, self._ready, self._waiting = {}, {}, {}
+        self._count_pending()
+        if not orders:
+            return
+        try:
+            self._persistence.send_nowait(CloseRequest(tuple(orders), source="engine"))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.warning(
+                "engine %s: could not hand over %d closes (%r); they are redone on next start",
+                self._symbol,
+                len(orders),
+                exc,
+            )
+            return
+        self._stats.handed_over += len(orders)
+        log.info("engine %s: handed over %d closes", self._symbol, len(orders))
+
+    def _count_pending(self) -> None:
+        self._stats.closes_pending = len(self._ready) + len(self._in_flight) + len(self._waiting)

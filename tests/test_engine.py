@@ -1,0 +1,407 @@
+"""The engine actor's protocol, with a small persistence stand-in answering over the Mailbox.
+
+The stand-in keeps rows in a dict and answers CloseRequests the way persistence does
+(closed / already_closed / not_found / failed); end-to-end tests with the real persistence
+actor and PostgreSQL live elsewhere. Time is a MockClock, so backoffs cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import partial
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from tickguard.actors import engine
+from tickguard.actors.engine import EngineConfig, EngineStats
+from tickguard.actors.mailbox import ActorUnavailable, Mailbox
+from tickguard.actors.messages import (
+    CloseOrder,
+    CloseOutcome,
+    CloseRequest,
+    CloseResult,
+    Position,
+    Track,
+    Untrack,
+)
+from tickguard.actors.window import WindowSlot
+
+SYMBOL = "BTC-USD"
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+CONFIG = EngineConfig(close_timeout_s=5, retry_base_s=1, retry_max_s=8, load_timeout_s=5)
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def at(second: int) -> datetime:
+    return T0 + timedelta(seconds=second)
+
+
+def position(
+    side: str = "long",
+    *,
+    sl: str | None = None,
+    tp: str | None = None,
+    created: int = 0,
+    symbol: str = SYMBOL,
+) -> Position:
+    return Position(
+        id=uuid.uuid4(),
+        user_id="u1",
+        symbol=symbol,
+        side=side,  # type: ignore[arg-type]
+        entry_price=Decimal("100"),
+        take_profit=None if tp is None else Decimal(tp),
+        stop_loss=None if sl is None else Decimal(sl),
+        status="open",
+        close_price=None,
+        close_reason=None,
+        created_at=at(created),
+        updated_at=at(created),
+        closed_at=None,
+    )
+
+
+class Persistence:
+    """The rows, and a task answering CloseRequests on a Mailbox like the persistence actor."""
+
+    def __init__(self, *positions: Position) -> None:
+        self.rows: dict[uuid.UUID, Position] = {p.id: p for p in positions}
+        self.mailbox: Mailbox[CloseRequest] = Mailbox("persistence")
+        self.load_calls: list[str] = []
+        self.fail: dict[uuid.UUID, int] = {}  # id -> how many times to answer FAILED
+        self.errors: list[BaseException] = []  # answer whole requests with these, in turn
+        self.silent = 0  # how many requests to take and never answer
+        self._seen_send, self.seen = trio.open_memory_channel[tuple[float, CloseRequest]](math.inf)
+
+    async def load_open(self, symbol: str) -> list[Position]:
+        self.load_calls.append(symbol)
+        return [p for p in self.rows.values() if p.symbol == symbol and p.status == "open"]
+
+    async def serve(self) -> None:
+        while True:
+            request = await self.mailbox.receive()
+            self._seen_send.send_nowait((trio.current_time(), request))
+            if self.silent:
+                self.silent -= 1
+                self.mailbox.settle(request)
+            elif self.errors:
+                self.mailbox.answer(request, self.errors.pop(0))
+            else:
+                self.mailbox.answer(request, tuple(self._close(o) for o in request.orders))
+
+    def _close(self, order: CloseOrder) -> CloseResult:
+        if self.fail.get(order.position_id, 0) > 0:
+            self.fail[order.position_id] -= 1
+            return CloseResult(order.position_id, CloseOutcome.FAILED)
+        row = self.rows.get(order.position_id)
+        if row is None:
+            return CloseResult(order.position_id, CloseOutcome.NOT_FOUND)
+        if row.status == "closed":
+            return CloseResult(order.position_id, CloseOutcome.ALREADY_CLOSED, row)
+        row = attrs.evolve(row, status="closed", close_price=order.price, close_reason=order.reason)
+        self.rows[row.id] = row
+        return CloseResult(order.position_id, CloseOutcome.CLOSED, row)
+
+    async def next_request(self) -> tuple[float, CloseRequest]:
+        with trio.fail_after(60):
+            return await self.seen.receive()
+
+    async def no_request_for(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            _, request = await self.seen.receive()
+            pytest.fail(f"unexpected request {ids(request)}")
+
+
+def ids(request: CloseRequest) -> set[uuid.UUID]:
+    return {o.position_id for o in request.orders}
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for a condition, with a deadline.
+
+    Polls in virtual time (MockClock): wait_all_tasks_blocked would starve the autojump when
+    the condition needs a backoff to elapse.
+    """
+    with trio.fail_after(60):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.001)
+
+
+@attrs.define
+class Harness:
+    db: Persistence
+    slot: WindowSlot
+    inbox: Mailbox[Track | Untrack]
+    stats: EngineStats
+    scope: trio.CancelScope | None = None
+
+    def tick(self, price: str, second: int) -> None:
+        self.slot.put(Decimal(price), second, at(second))
+
+
+@asynccontextmanager
+async def engine_running(*positions: Position) -> AsyncIterator[Harness]:
+    db = Persistence(*positions)
+    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.serve)
+        h.scope = await start_engine(nursery, h)
+        yield h
+        nursery.cancel_scope.cancel()
+
+
+async def start_engine(nursery: trio.Nursery, h: Harness) -> trio.CancelScope:
+    """Start (or restart) the engine in its own cancel scope, as the supervisor would."""
+
+    async def supervised(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                await inner.start(
+                    partial(
+                        engine.run,
+                        SYMBOL,
+                        h.slot,
+                        h.inbox,
+                        h.db.mailbox,
+                        h.db.load_open,
+                        config=CONFIG,
+                        stats=h.stats,
+                    )
+                )
+                task_status.started(scope)
+
+    return await nursery.start(supervised)
+
+
+async def test_loads_at_start_and_sends_a_window_s_triggers_as_one_batch(autojump_clock) -> None:
+    falling = [position(sl="90") for _ in range(3)]
+    short_tp = position("short", tp="89")
+    safe = position(sl="80", tp="120")
+    async with engine_running(*falling, short_tp, safe) as h:
+        assert h.db.load_calls == [SYMBOL]
+        assert h.stats.positions_open == 5
+        h.tick("95", 1)
+        h.tick("88", 2)  # one window: low 88, last trade at second 2
+        _, request = await h.db.next_request()
+        assert request.source == "engine"
+        assert ids(request) == {p.id for p in [*falling, short_tp]}
+        by_id = {o.position_id: o for o in request.orders}
+        for p in falling:
+            assert by_id[p.id] == CloseOrder(p.id, Decimal("90"), "stop_loss", triggered_at=at(2))
+        assert by_id[short_tp.id] == CloseOrder(
+            short_tp.id, Decimal("89"), "take_profit", triggered_at=at(2)
+        )
+        await until(lambda: h.stats.closes_confirmed == 4)
+        assert (h.stats.stop_losses, h.stats.take_profits, h.stats.positions_open) == (3, 1, 1)
+        assert h.stats.closes_pending == 0
+        assert h.db.rows[safe.id].status == "open"
+
+
+async def test_only_failed_ids_are_retried_with_backoff(autojump_clock) -> None:
+    a, b, c = (position(sl="90") for _ in range(3))
+    async with engine_running(a, b, c) as h:
+        h.db.fail[a.id] = 2
+        h.tick("90", 1)
+        t1, first = await h.db.next_request()
+        assert ids(first) == {a.id, b.id, c.id}
+        t2, second = await h.db.next_request()
+        assert ids(second) == {a.id}
+        assert t2 - t1 == pytest.approx(CONFIG.retry_base_s)
+        t3, third = await h.db.next_request()
+        assert ids(third) == {a.id}
+        assert t3 - t2 == pytest.approx(2 * CONFIG.retry_base_s)
+        await h.db.no_request_for(100)
+        assert all(h.db.rows[p.id].status == "closed" for p in (a, b, c))
+        assert (h.stats.closes_confirmed, h.stats.close_failures) == (3, 2)
+        assert h.stats.closes_pending == 0
+
+
+async def test_backoff_is_capped(autojump_clock) -> None:
+    a = position(sl="90")
+    async with engine_running(a) as h:
+        h.db.fail[a.id] = 6
+        h.tick("90", 1)
+        times = [(await h.db.next_request())[0] for _ in range(7)]
+        gaps = [round(later - earlier, 6) for earlier, later in zip(times, times[1:], strict=False)]
+        assert gaps == [1, 2, 4, 8, 8, 8]
+
+
+async def test_already_closed_and_not_found_are_not_retried(autojump_clock) -> None:
+    closed_elsewhere, deleted, fresh = (position(sl="90") for _ in range(3))
+    async with engine_running(closed_elsewhere, deleted, fresh) as h:
+        # After the engine loaded them: a manual close commits, a row disappears.
+        h.db.rows[closed_elsewhere.id] = attrs.evolve(closed_elsewhere, status="closed")
+        del h.db.rows[deleted.id]
+        h.tick("85", 1)
+        _, request = await h.db.next_request()
+        assert ids(request) == {closed_elsewhere.id, deleted.id, fresh.id}
+        await h.db.no_request_for(100)
+        assert (h.stats.closes_confirmed, h.stats.closes_lost_race) == (1, 2)
+        assert h.stats.close_failures == 0
+
+
+@pytest.mark.parametrize("failure", ["actor_unavailable", "error_answer", "no_answer"])
+async def test_a_request_that_fails_as_a_whole_is_retried(autojump_clock, failure) -> None:
+    a, b = position(sl="90"), position("short", sl="95")
+    async with engine_running(a, b) as h:
+        if failure == "actor_unavailable":
+            h.db.errors.append(ActorUnavailable("persistence restarted"))
+        elif failure == "error_answer":
+            h.db.errors.append(RuntimeError("database unavailable"))
+        else:
+            h.db.silent = 1
+        h.tick("90", 1)
+        h.tick("95", 2)
+        t1, first = await h.db.next_request()
+        t2, second = await h.db.next_request()
+        assert ids(first) == ids(second) == {a.id, b.id}
+        waited = CONFIG.retry_base_s + (CONFIG.close_timeout_s if failure == "no_answer" else 0)
+        assert t2 - t1 == pytest.approx(waited)
+        await until(lambda: h.stats.closes_confirmed == 2)
+        await h.db.no_request_for(100)
+
+
+async def test_windows_and_tracks_flow_while_a_close_is_pending(autojump_clock) -> None:
+    a = position(sl="90")
+    b = position(sl="80", created=3)
+    async with engine_running(a) as h:
+        h.db.silent = 1  # the first request hangs until its timeout
+        h.tick("90", 1)
+        t1, first = await h.db.next_request()
+        assert ids(first) == {a.id}
+        for second, price in enumerate(["85", "84", "83"], start=2):
+            h.tick(price, second)
+            await until(lambda n=second: h.stats.windows_judged == n)
+        assert h.stats.stop_losses == 1  # a was not judged again while its close is pending
+        await h.inbox.send(Track(a))  # nor re-inserted by a late Track
+        h.db.rows[b.id] = b  # committed, then tracked
+        await h.inbox.send(Track(b))
+        await until(lambda: h.stats.positions_open == 1)
+        h.tick("79", 5)
+        await until(lambda: h.stats.stop_losses == 2)
+        assert trio.current_time() - t1 < CONFIG.close_timeout_s  # all while the request hung
+        sent_after: list[uuid.UUID] = []
+        while len(sent_after) < 2:
+            _, request = await h.db.next_request()
+            sent_after.extend(o.position_id for o in request.orders)
+        assert sorted(sent_after) == sorted([a.id, b.id])  # each once more, no duplicates
+        await until(lambda: h.stats.closes_confirmed == 2)
+
+
+async def test_track_judges_the_pending_window_before_inserting(autojump_clock) -> None:
+    # The position's created_at (second 0) is before the pending trade (second 10), as with a
+    # clock skew between us and Coinbase: only the Track-first rule keeps that price from
+    # closing it. Trio's scheduler picks either task first, so repeat.
+    for _ in range(24):
+        async with engine_running() as h:
+            p = position(sl="90", created=0)
+            h.tick("80", 10)
+            h.inbox.send_nowait(Track(p))
+            await until(lambda: h.stats.positions_open == 1 and h.stats.windows_judged == 1)
+            h.tick("95", 11)
+            await until(lambda: h.stats.windows_judged == 2)
+            assert h.stats.stop_losses == 0
+            h.tick("90", 12)
+            _, request = await h.db.next_request()
+            assert request.orders == (CloseOrder(p.id, Decimal("90"), "stop_loss", None, at(12)),)
+
+
+async def test_a_trade_older_than_the_position_never_closes_it(autojump_clock) -> None:
+    async with engine_running() as h:
+        p = position(sl="90", created=100)
+        await h.inbox.send(Track(p))
+        await until(lambda: h.stats.positions_open == 1)
+        h.tick("80", 40)  # the ticker right after a subscription ack: an old last trade
+        await until(lambda: h.stats.windows_judged == 1)
+        assert h.stats.stop_losses == 0
+        h.tick("85", 100)
+        _, request = await h.db.next_request()
+        assert ids(request) == {p.id}
+
+
+async def test_untrack_removes(autojump_clock) -> None:
+    a, b = position(sl="90"), position(sl="90")
+    async with engine_running(a, b) as h:
+        await h.inbox.send(Untrack(a.id))
+        await until(lambda: h.stats.positions_open == 1)
+        h.tick("85", 1)
+        _, request = await h.db.next_request()
+        assert ids(request) == {b.id}
+
+
+async def test_untrack_drops_a_pending_retry(autojump_clock) -> None:
+    a = position(sl="90")
+    async with engine_running(a) as h:
+        h.db.fail[a.id] = 1
+        h.tick("85", 1)
+        await h.db.next_request()
+        await until(lambda: h.stats.close_failures == 1)
+        await h.inbox.send(Untrack(a.id))  # closed by another path meanwhile
+        await until(lambda: h.stats.closes_pending == 0)
+        await h.db.no_request_for(100)
+
+
+async def test_a_restarted_engine_reloads_open_positions(autojump_clock) -> None:
+    a, b = position(sl="90"), position(sl="90")
+    async with engine_running(a) as h:
+        assert h.scope is not None
+        h.scope.cancel()  # the engine stops (a crash, as the supervisor sees it)
+        await until(lambda: h.db.mailbox.pending() == 0)
+        h.db.rows[b.id] = b  # created while the engine was down: no Track for it
+        async with trio.open_nursery() as nursery:
+            await start_engine(nursery, h)
+            assert h.db.load_calls == [SYMBOL, SYMBOL]
+            assert h.stats.starts == 2 and h.stats.positions_open == 2
+            h.tick("85", 1)
+            _, request = await h.db.next_request()
+            assert ids(request) == {a.id, b.id}
+            nursery.cancel_scope.cancel()
+
+
+async def test_stopping_hands_over_unanswered_closes(autojump_clock) -> None:
+    a, b = position(sl="90"), position(sl="90")
+    db = Persistence(a, b)
+    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats())
+    db.fail[a.id] = 1
+    async with trio.open_nursery() as nursery:
+        serving = trio.CancelScope()
+
+        async def serve() -> None:
+            with serving:
+                await db.serve()
+
+        nursery.start_soon(serve)
+        engine_scope = await start_engine(nursery, h)
+        h.tick("85", 1)
+        await until(lambda: h.stats.close_failures == 1 and h.stats.closes_confirmed == 1)
+        serving.cancel()  # persistence stops answering: a's retry is still waiting
+        h.tick("80", 2)
+        engine_scope.cancel()
+    handed = db.mailbox.receive_nowait()
+    assert handed.reply is None and handed.source == "engine"
+    assert handed.orders == (CloseOrder(a.id, Decimal("90"), "stop_loss", None, at(1)),)
+    assert h.stats.handed_over == 1 and h.stats.closes_pending == 0
+    with pytest.raises(trio.WouldBlock):
+        db.mailbox.receive_nowait()
+
+
+async def test_load_open_that_hangs_fails_the_start(autojump_clock) -> None:
+    async def hanging(symbol: str) -> list[Position]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with pytest.raises(trio.TooSlowError):
+        await engine.run(
+            SYMBOL, WindowSlot(SYMBOL), Mailbox("e"), Mailbox("p"), hanging, config=CONFIG
+        )
