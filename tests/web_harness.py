@@ -33,11 +33,16 @@ def make_settings(**changes: Any) -> Settings:
 
 @asynccontextmanager
 async def running_app(
-    services: AppServices, *, ws_ping_interval: float | None = None, graceful_timeout: float = 3.0
+    services: AppServices,
+    *,
+    ws_ping_interval: float | None = None,
+    graceful_timeout: float = 3.0,
+    stop: trio.Event | None = None,
 ) -> AsyncIterator[str]:
     """Serve ``create_app(services)`` on 127.0.0.1 and a free port; yields the base URL
-    (``http://127.0.0.1:PORT``). Leaving the block shuts the server down gracefully."""
-    stop = trio.Event()
+    (``http://127.0.0.1:PORT``). Setting ``stop``, or leaving the block, shuts the server down
+    gracefully (WebSocket sessions get 1001)."""
+    stop = trio.Event() if stop is None else stop
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             partial(
@@ -94,8 +99,13 @@ async def running_stack(
     request_timeout: float = 10.0,
     ws_ping_interval: float | None = None,
     slots: WindowSlots | None = None,
+    stop: trio.Event | None = None,
+    graceful_timeout: float = 3.0,
 ) -> AsyncIterator[Stack]:
-    """The app with the real persistence and fanout actors on ``db``; yields a ``Stack``."""
+    """The app with the real persistence and fanout actors on ``db``; yields a ``Stack``.
+
+    ``stop`` (optional) shuts the server down when set, as the supervisor's trigger would.
+    """
     settings = settings or make_settings()
     fanout_config = fanout.FanoutConfig(queue_bytes=queue_bytes)
     engines = EngineRecorder()
@@ -127,7 +137,12 @@ async def running_stack(
                     stopping=stopping,
                 )
             )
-            async with running_app(services, ws_ping_interval=ws_ping_interval) as base_url:
+            async with running_app(
+                services,
+                ws_ping_interval=ws_ping_interval,
+                stop=stop,
+                graceful_timeout=graceful_timeout,
+            ) as base_url:
                 yield Stack(base_url, services, fanout_config, engines)
             stopping.set()
         actors.cancel_scope.cancel()

@@ -1,0 +1,179 @@
+"""The /ws endpoint over real sockets (trio-websocket clients), with the real fanout and
+persistence actors on the test database."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from tickguard.actors.messages import Event
+from tickguard.storage import Database
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from web_harness import Stack, running_stack
+
+GUARD = 10  # seconds: a hang guard, never a speed assertion
+
+
+async def _message(ws: Any) -> dict[str, Any]:
+    with trio.fail_after(GUARD):
+        message: dict[str, Any] = json.loads(await ws.get_message())
+    return message
+
+
+async def _closed_with(ws: Any) -> tuple[int, str | None]:
+    """Read until the server closes; the close code and reason."""
+    with trio.fail_after(GUARD):
+        while True:
+            try:
+                await ws.get_message()
+            except ConnectionClosed as closed:
+                return closed.reason.code, closed.reason.reason
+
+
+async def _create(stack: Stack, user: str, **changes: Any) -> dict[str, Any]:
+    body = {"userId": user, "symbol": "BTC-USD", "side": "long", "entryPrice": 100, **changes}
+    async with httpx.AsyncClient(base_url=stack.base_url) as client:
+        response = await client.post("/api/positions", json=body)
+    assert response.status_code == 201, response.text
+    data: dict[str, Any] = response.json()["data"]
+    return data
+
+
+async def test_upgrade_on_an_unknown_path_is_404_at_once(db: Database) -> None:
+    async with running_stack(db) as stack:
+        with trio.fail_after(GUARD), pytest.raises(ConnectionRejected) as rejected:
+            async with open_websocket_url(stack.ws_url("alice", path="/nope")):
+                pass
+    assert rejected.value.status_code == 404
+
+
+@pytest.mark.parametrize("query", ["", "?userId=", "?userId=a%0Ab", "?userId=" + "x" * 129])
+async def test_without_a_valid_user_id_the_session_is_closed_1008(db: Database, query: str) -> None:
+    async with running_stack(db) as stack:
+        async with open_websocket_url(stack.ws_url() + query) as ws:
+            code, reason = await _closed_with(ws)
+    assert (code, reason) == (1008, "userId query param is required")
+    assert stack.services.ws_stats.rejected == 1
+
+
+async def test_ready_then_the_users_events_in_order(db: Database) -> None:
+    async with running_stack(db) as stack:
+        earlier = await _create(stack, "alice")  # seq 1, before the session
+        async with open_websocket_url(stack.ws_url("alice")) as ws:
+            ready = await _message(ws)
+            assert ready == {
+                "type": "connection.ready",
+                "message": "realtime channel established",
+                "seq": 1,
+            }
+            created = await _create(stack, "alice")
+            event = await _message(ws)
+            assert event["type"] == "position.created" and event["source"] == "api"
+            assert event["seq"] == 2 and event["position"]["id"] == created["id"]
+            async with httpx.AsyncClient(base_url=stack.base_url) as client:
+                response = await client.post(
+                    f"/api/positions/{earlier['id']}/close",
+                    json={"userId": "alice", "closePrice": 101},
+                )
+            assert response.status_code == 200
+            closed = await _message(ws)
+            assert closed["type"] == "position.closed" and closed["seq"] == 3
+            assert closed["position"]["id"] == earlier["id"]
+            assert closed["position"]["closePrice"] == 101
+
+
+async def test_sessions_never_see_other_users_events(db: Database) -> None:
+    async with running_stack(db) as stack:
+        async with (
+            open_websocket_url(stack.ws_url("alice")) as alice,
+            open_websocket_url(stack.ws_url("bob")) as bob,
+        ):
+            await _message(alice)
+            await _message(bob)
+            await _create(stack, "alice")
+            await _create(stack, "alice")
+            mine = await _create(stack, "bob")
+            # Bob's first event is his own: alice's two, committed before, never reached him.
+            event = await _message(bob)
+            assert event["position"]["id"] == mine["id"] and event["position"]["userId"] == "bob"
+            assert (await _message(alice))["position"]["userId"] == "alice"
+
+
+async def test_ping_pong_and_ignored_frames(db: Database) -> None:
+    async with running_stack(db) as stack:
+        async with open_websocket_url(stack.ws_url("alice")) as ws:
+            await _message(ws)
+            for frame in ("hello", '{"type": "subscribe"}', "[1,2]", b"\x00\x01"):
+                await ws.send_message(frame)
+            await ws.send_message('{"type": "ping"}')
+            assert await _message(ws) == {"type": "pong"}
+    assert stack.services.ws_stats.ignored_frames == 4
+
+
+async def test_a_frame_over_64_kib_closes_with_1009(db: Database) -> None:
+    async with running_stack(db) as stack:
+        async with open_websocket_url(stack.ws_url("alice")) as ws:
+            await _message(ws)
+            await ws.send_message("x" * (64 * 1024 + 1))
+            code, _ = await _closed_with(ws)
+    assert code == 1009
+
+
+async def test_a_frame_of_exactly_64_kib_is_accepted(db: Database) -> None:
+    async with running_stack(db) as stack:
+        async with open_websocket_url(stack.ws_url("alice")) as ws:
+            await _message(ws)
+            await ws.send_message("x" * (64 * 1024))
+            await ws.send_message('{"type":"ping"}')
+            assert await _message(ws) == {"type": "pong"}
+
+
+async def test_slow_consumer_closed_1013_while_another_session_gets_everything(
+    db: Database,
+) -> None:
+    queue_bytes = 64 * 1024
+    message = "y" * 8000
+    async with running_stack(db, queue_bytes=queue_bytes) as stack:
+        stats = stack.fanout_config.stats
+        async with (
+            open_websocket_url(stack.ws_url("alice")) as slow,
+            open_websocket_url(stack.ws_url("alice")) as fast,
+        ):
+            await _message(slow)
+            await _message(fast)
+            received = 0
+            seq = 0
+            # The slow client reads nothing: its socket buffers fill, then its queue overflows.
+            with trio.fail_after(60):
+                while stats.dropped_slow == 0:
+                    seq += 1
+                    await stack.services.fanout.send(
+                        Event(seq, "alice", seq, "position.created", f'"{message}{seq}"')
+                    )
+                    assert await fast.get_message() == f'"{message}{seq}"'
+                    received += 1
+            for _ in range(5):  # after the drop, the other session still gets each event
+                seq += 1
+                await stack.services.fanout.send(
+                    Event(seq, "alice", seq, "position.created", f'"{seq}"')
+                )
+                assert await fast.get_message() == f'"{seq}"'
+                received += 1
+            assert received == seq
+            code, reason = await _closed_with(slow)
+    assert (code, reason) == (1013, "slow consumer")
+    assert stats.dropped_slow == 1
+
+
+async def test_shutdown_closes_sessions_with_1001(db: Database) -> None:
+    stop = trio.Event()
+    # A graceful timeout far beyond the guard: only closing the sessions lets this finish.
+    async with running_stack(db, stop=stop, graceful_timeout=60) as stack:
+        async with open_websocket_url(stack.ws_url("alice")) as ws:
+            await _message(ws)
+            stop.set()
+            code, reason = await _closed_with(ws)
+    assert (code, reason) == (1001, "server shutting down")
