@@ -313,11 +313,17 @@ async def test_entry_price_defaults_to_the_feeds_last_price(db: Database) -> Non
             "/api/positions",
             json=_long(symbol="eth-usd", entryPrice=..., takeProfit=3100, stopLoss=2900),
         )
+        crossed = await client.post(
+            "/api/positions",
+            json=_long(symbol="ETH-USD", entryPrice=None, takeProfit=3000, stopLoss=None),
+        )
         unpriced = await client.post(
             "/api/positions", json=_long(symbol="SOL-USD", entryPrice=None, takeProfit=None)
         )
     assert priced.status_code == 201, priced.text
     assert _body(priced)["data"]["entryPrice"] == Decimal("3000.25")
+    # The bracket is judged against the price the feed supplied.
+    assert crossed.status_code == 400 and crossed.json()["error"] == routes.LONG_TP
     assert unpriced.status_code == 400
     assert "SOL-USD" in unpriced.json()["error"]
 

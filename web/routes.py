@@ -92,6 +92,13 @@ def bracket_error(side: str, entry: Decimal, tp: Decimal | None, sl: Decimal | N
     return None
 
 
+def _check_bracket(values: dict[str, Any], entry: Decimal) -> None:
+    problem = bracket_error(values["side"], entry, values["takeProfit"], values["stopLoss"])
+    if problem is not None:
+        field = "takeProfit" if "takeProfit" in problem else "stopLoss"
+        raise ApiError(400, problem, {field: problem})
+
+
 @routes.get("/health")
 async def health() -> Response:
     return json_response(
@@ -122,22 +129,22 @@ async def create_position() -> Response:
         except FieldError as problem:
             raise ApiError(400, str(problem), {IDEMPOTENCY_KEY.name: str(problem)}) from None
     symbol: str = values["symbol"]
+    entry: Decimal | None = values["entryPrice"]
+    if entry is not None:
+        # A bad bracket is answered before waiting on the feed for the symbol.
+        _check_bracket(values, entry)
     try:
         await ensure_symbol(services, symbol)
     except SymbolRejected:
         message = f"Unknown symbol: {symbol} is not a valid product."
         raise ApiError(400, message, {"symbol": message}) from None
-    entry: Decimal | None = values["entryPrice"]
     if entry is None:
         slot = services.slots.peek(symbol)
         entry = slot.last_price if slot is not None else None
         if entry is None:
             message = f"entryPrice is required: there is no market price for {symbol} yet."
             raise ApiError(400, message, {"entryPrice": message})
-    problem = bracket_error(values["side"], entry, values["takeProfit"], values["stopLoss"])
-    if problem is not None:
-        field = "takeProfit" if "takeProfit" in problem else "stopLoss"
-        raise ApiError(400, problem, {field: problem})
+        _check_bracket(values, entry)
     new = NewPosition(
         user_id=values["userId"],
         symbol=symbol,
