@@ -41,6 +41,7 @@ class FanoutStats:
     events: int = 0
     delivered: int = 0
     dropped_slow: int = 0
+    duplicates: int = 0  # republished events already delivered, dropped
 
 
 @attrs.frozen
@@ -154,12 +155,19 @@ async def run(
     """
     stats = config.stats
     by_user: dict[str, set[Session]] = {}
+    # The last seq handed out per user: persistence republishes its outbox after a crash or a
+    # lost commit acknowledgement, and an event already delivered must not be sent twice.
+    delivered: dict[str, int] = {}
     task_status.started()
     close_code, close_reason = SERVICE_RESTART, "realtime gateway restarting"
     try:
         while True:
             message = await inbox.receive()
             if isinstance(message, Event):
+                if message.seq <= delivered.get(message.user_id, 0):
+                    stats.duplicates += 1
+                    continue
+                delivered[message.user_id] = message.seq
                 _deliver(by_user, message, config)
             elif isinstance(message, Join):
                 if message.session.closed is None:

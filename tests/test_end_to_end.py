@@ -35,7 +35,7 @@ async def engine_judged(service: Service, product: str, trade_time: datetime) ->
 async def publish(service: Service, sim: Simulator, product: str, price: str) -> datetime:
     sim.publish(product, price)
     await feed_saw(service, product, price)
-    return sim.products[product].time
+    return sim.products[product].last_time
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ async def test_a_stop_cascade_of_1000_closes_each_exactly_once(db: Database) -> 
                 closed = await events.wait_for("position.closed", 1000, timeout=60)
                 # Nothing more arrives for them (each closed once).
                 await publish(service, sim, "BTC-USD", "62000")
-                await engine_judged(service, "BTC-USD", sim.products["BTC-USD"].time)
+                await engine_judged(service, "BTC-USD", sim.products["BTC-USD"].last_time)
             assert len({m["position"]["id"] for m in closed}) == 1000
             assert len(events.of_type("position.closed")) == 1000
             assert all(m["position"]["closeReason"] == "stop_loss" for m in closed)

@@ -2,12 +2,17 @@
 
 ``ensure_symbol`` is the single place where the create handler asks the feed about a symbol
 (API.md "Beyond": wait at most 3 s for Coinbase's answer). It is wired by the lead together
-with the feed actor; until then it accepts every well-formed symbol.
+with the feed actor.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
+
+import trio
+from tickguard.actors.feed import SubscribeOutcome, Watch
+from tickguard.actors.mailbox import ActorUnavailable, ask
 
 if TYPE_CHECKING:
     from tickguard.web.app import AppServices
@@ -22,14 +27,26 @@ class SymbolRejected(Exception):
         self.reason = reason
 
 
+SUBSCRIBE_WAIT_S = 3.0  # API.md: the first position on a new symbol waits at most this long
+
+log = logging.getLogger("tickguard.web")
+
+
 async def ensure_symbol(services: AppServices, symbol: str) -> None:
     """Make sure the feed watches ``symbol`` before a position on it is created.
 
     Raises ``SymbolRejected`` when Coinbase says the product does not exist. Returns normally
     when the feed accepted it, or is unreachable or slow (the position is then created and the
     symbol watched once the feed answers). Never raises for a feed outage.
-
-    TODO(lead): ask ``services.feed`` (at most 3 s) once the feed actor exists. For now it does
-    nothing.
     """
-    return None
+    if services.feed is None:
+        return
+    try:
+        outcome: SubscribeOutcome = await ask(
+            services.feed, lambda reply: Watch(symbol, reply), timeout=SUBSCRIBE_WAIT_S
+        )
+    except (trio.TooSlowError, ActorUnavailable) as exc:
+        log.warning("feed did not confirm %s in time (%s); creating anyway", symbol, exc)
+        return
+    if outcome.status == "rejected":
+        raise SymbolRejected(symbol, outcome.reason or "")
