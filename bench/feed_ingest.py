@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -53,15 +52,16 @@ async def bench_parse(count: int) -> float:
 
 
 async def bench_socket(count: int) -> float:
-    port = 18765 + os.getpid() % 1000
     # Started before anything else runs in this trio.run, so blocking here costs nothing.
     sim = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "tickguard.sim", "--port", str(port), "--rate", "0"],
+        [sys.executable, "-m", "tickguard.sim", "--port", "0", "--rate", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
     try:
-        sim.stdout.readline()  # "simulator on ..." once it listens
+        # "simulator on ws://127.0.0.1:PORT (control: ...)" once it listens.
+        banner = sim.stdout.readline().decode()
+        port = int(banner.split("ws://", 1)[1].split(" ", 1)[0].rsplit(":", 1)[1])
         slots, status = WindowSlots(), FeedStatus()
         config = FeedConfig(f"ws://127.0.0.1:{port}", ("BTC-USD",))
         async with trio.open_nursery() as nursery:
