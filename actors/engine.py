@@ -103,8 +103,7 @@ async def run(
         loaded = await load_open(symbol)
     closer = _Closer(symbol, persistence, config, stats)
     engine = _Engine(symbol, TriggerIndex(), closer, stats)
-    for position in loaded:
-        engine.watch(position)
+    engine.watch_all(loaded)
     stats.starts += 1
     log.info("engine %s started with %d open positions", symbol, len(loaded))
     async with trio.open_nursery() as nursery:
@@ -146,18 +145,23 @@ class _Engine:
 
     def watch(self, position: Position) -> None:
         """Insert (or refresh) an open position of this symbol; anything else is ignored."""
-        if position.symbol != self.symbol or position.status != "open":
-            log.warning(
-                "engine %s: not watching %s (%s, %s)",
-                self.symbol,
-                position.id,
-                position.symbol,
-                position.status,
-            )
-            return
-        if position.id in self._closer:
-            return  # already triggered, its close is pending: never judge it twice
-        self._index.add(position)
+        self.watch_all([position])
+
+    def watch_all(self, positions: Iterable[Position]) -> None:
+        """``watch`` for a whole load, indexed in one pass (TriggerIndex.add_many)."""
+        watchable = []
+        for position in positions:
+            if position.symbol != self.symbol or position.status != "open":
+                log.warning(
+                    "engine %s: not watching %s (%s, %s)",
+                    self.symbol,
+                    position.id,
+                    position.symbol,
+                    position.status,
+                )
+            elif position.id not in self._closer:  # triggered, close pending: judged once
+                watchable.append(position)
+        self._index.add_many(watchable)
         self._stats.positions_open = len(self._index)
 
     def unwatch(self, position_id: uuid.UUID) -> None:

@@ -82,8 +82,7 @@ class TriggerIndex:
         self._long_tp: SortedList = SortedList()
         self._short_sl: SortedList = SortedList()
         self._short_tp: SortedList = SortedList()
-        for position in positions:
-            self.add(position)
+        self.add_many(positions)
 
     def __len__(self) -> int:
         return len(self._watched)
@@ -100,23 +99,38 @@ class TriggerIndex:
         Raises ValueError for a position that is not open: only open positions can trigger.
         A position with neither take-profit nor stop-loss is counted but never triggers.
         """
-        if position.status != "open":
-            raise ValueError(f"position {position.id} is {position.status}, not open")
+        watched = _watch(position)
         self.remove(position.id)
-        watched = _Watched(
-            position.id,
-            position.user_id,
-            position.side,
-            position.take_profit,
-            position.stop_loss,
-            position.created_at,
-        )
         self._watched[position.id] = watched
         sl_list, tp_list = self._lists_for(watched.side)
         if watched.stop_loss is not None:
             sl_list.add((watched.stop_loss, watched.position_id))
         if watched.take_profit is not None:
             tp_list.add((watched.take_profit, watched.position_id))
+
+    def add_many(self, positions: Iterable[Position]) -> None:
+        """``add`` for a whole load (an engine's start): sorts each index once instead of
+        inserting one by one. Same rules; the last version of a repeated id wins."""
+        latest = {position.id: _watch(position) for position in positions}
+        for position_id in latest:
+            self.remove(position_id)
+        long_sl: list[_Entry] = []
+        long_tp: list[_Entry] = []
+        short_sl: list[_Entry] = []
+        short_tp: list[_Entry] = []
+        for w in latest.values():
+            sl_entries, tp_entries = (
+                (long_sl, long_tp) if w.side == "long" else (short_sl, short_tp)
+            )
+            if w.stop_loss is not None:
+                sl_entries.append((w.stop_loss, w.position_id))
+            if w.take_profit is not None:
+                tp_entries.append((w.take_profit, w.position_id))
+        self._watched.update(latest)
+        self._long_sl.update(long_sl)
+        self._long_tp.update(long_tp)
+        self._short_sl.update(short_sl)
+        self._short_tp.update(short_tp)
 
     def remove(self, position_id: uuid.UUID) -> bool:
         """Stop watching a position; returns False when it was not watched (not an error:
@@ -169,6 +183,19 @@ class TriggerIndex:
         if side == "long":
             return self._long_sl, self._long_tp
         return self._short_sl, self._short_tp
+
+
+def _watch(position: Position) -> _Watched:
+    if position.status != "open":
+        raise ValueError(f"position {position.id} is {position.status}, not open")
+    return _Watched(
+        position.id,
+        position.user_id,
+        "long" if position.side == "long" else "short",  # a shared literal, not the row's str
+        position.take_profit,
+        position.stop_loss,
+        position.created_at,
+    )
 
 
 def _from_low(entries: SortedList, low: Decimal) -> Iterable[_Entry]:

@@ -133,6 +133,19 @@ def test_remove_and_re_add_replace_the_levels() -> None:
     assert key(index.judge(window("50", "100"))) == key([Trigger(p.id, "u1", "stop_loss", 50)])
 
 
+def test_add_many_replaces_and_keeps_the_last_version_of_an_id() -> None:
+    a, b = position("long", sl="90"), position("short", sl="110")
+    index = TriggerIndex([a, b])
+    a_lower = attrs.evolve(a, stop_loss=Decimal("80"))
+    b_gone, b_back = attrs.evolve(b, stop_loss=None), attrs.evolve(b, stop_loss=Decimal("120"))
+    index.add_many([a_lower, b_gone, b_back])
+    assert len(index) == 2
+    assert index.judge(window("85", "115")) == []
+    assert key(index.judge(window("80", "120"))) == key(
+        [Trigger(a.id, "u1", "stop_loss", Decimal("80")), Trigger(b.id, "u1", "stop_loss", 120)]
+    )
+
+
 def test_many_positions_at_one_level_all_close_and_only_those() -> None:
     same = [position("long", sl="90") for _ in range(50)]
     other = [position("long", sl="89.99999999") for _ in range(50)]
@@ -172,6 +185,7 @@ ticks = st.tuples(prices, minutes)
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("track"), positions()),
+        st.tuples(st.just("load"), st.lists(positions(), max_size=5)),
         st.tuples(st.just("untrack"), st.integers(min_value=0, max_value=1000)),
         st.tuples(st.just("tick"), st.lists(ticks, min_size=1, max_size=4)),
         st.tuples(st.just("take"), st.none()),
@@ -211,6 +225,9 @@ def test_index_agrees_with_the_oracle(initial: list[Position], operations: list)
             judge(slot.take_nowait())
             index.add(arg)
             oracle[arg.id] = arg
+        elif op == "load":
+            index.add_many(arg)
+            oracle.update((p.id, p) for p in arg)
         elif op == "untrack":
             if oracle:
                 victim = list(oracle)[arg % len(oracle)]
