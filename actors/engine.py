@@ -104,8 +104,9 @@ async def run(
     closer = _Closer(symbol, persistence, config, stats)
     engine = _Engine(symbol, TriggerIndex(), closer, stats)
     engine.watch_all(loaded)
+    del loaded  # the index keeps only what the rule reads; the full rows can go
     stats.starts += 1
-    log.info("engine %s started with %d open positions", symbol, len(loaded))
+    log.info("engine %s started with %d open positions", symbol, stats.positions_open)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(closer.run)
         nursery.start_soon(_take_windows, slot, engine)
