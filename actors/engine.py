@@ -11,9 +11,9 @@ Shutdown and restarts: when the engine is cancelled (or crashes), every close it
 has not seen answered is handed to persistence fire-and-forget (``reply=None``). That includes a
 batch whose request was in flight, since the engine cannot tell whether it reached persistence's
 mailbox before the cancel; a duplicate is answered ``already_closed`` and emits nothing
-(invariant 2). What persistence does not commit before it stops is not lost state: those
-positions are still open in the database and are reloaded, and judged again, on the next start
-(invariant 6).
+(invariant 2). What persistence does not commit before it stops stays open in the database:
+it is reloaded on the next start (invariant 6) and closes when a window crosses its level
+again; a price that came back inside the bracket meanwhile does not close it.
 """
 
 from __future__ import annotations

@@ -405,3 +405,21 @@ async def test_load_open_that_hangs_fails_the_start(autojump_clock) -> None:
         await engine.run(
             SYMBOL, WindowSlot(SYMBOL), Mailbox("e"), Mailbox("p"), hanging, config=CONFIG
         )
+
+
+async def test_stopping_hands_over_a_batch_still_in_flight(autojump_clock) -> None:
+    a = position(sl="90")
+    db = Persistence(a)
+    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats())
+    db.silent = 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.serve)
+        engine_scope = await start_engine(nursery, h)
+        h.tick("85", 1)
+        _, request = await db.next_request()  # taken by persistence, never answered
+        engine_scope.cancel()
+        await until(lambda: h.stats.handed_over == 1)
+        _, handed = await db.next_request()
+        assert handed.reply is None and handed.orders == request.orders
+        await until(lambda: db.rows[a.id].status == "closed")
+        nursery.cancel_scope.cancel()
