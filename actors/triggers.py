@@ -202,14 +202,16 @@ def _from_low(entries: SortedList, low: Decimal) -> Iterable[_Entry]:
     """Entries with level >= low; the last-entry check makes the common no-hit case O(1)."""
     if not entries or entries[-1][0] < low:
         return ()
-    return entries.irange(minimum=(low,))
+    hits: Iterable[_Entry] = entries.irange(minimum=(low,))  # sortedcontainers is untyped
+    return hits
 
 
 def _to_high(entries: SortedList, high: Decimal) -> Iterable[_Entry]:
     """Entries with level <= high; the first-entry check makes the common no-hit case O(1)."""
     if not entries or entries[0][0] > high:
         return ()
-    return entries.irange(maximum=(high, _AFTER))
+    hits: Iterable[_Entry] = entries.irange(maximum=(high, _AFTER))
+    return hits
 
 
 def judge_linear(positions: Iterable[Position], window: TickWindow) -> list[Trigger]:
