@@ -150,6 +150,20 @@ async def open_pool(
             pool.terminate()
 
 
+def _ignore_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Keep a connection error nobody waits for from crashing the loop.
+
+    trio-asyncio raises every unhandled asyncio error into its nursery, which would end the
+    whole tree. A connection that we terminated (cancelled mid-query) or that the server
+    dropped leaves such an error on a future asyncpg no longer awaits: it is expected, and the
+    caller has already been told (``DatabaseUnavailable`` or cancellation).
+    """
+    if isinstance(context.get("exception"), ConnectionError | asyncpg.InterfaceError):
+        log.debug("ignored a lost connection's error: %s", context.get("exception"))
+        return
+    loop.default_exception_handler(context)
+
+
 @asynccontextmanager
 async def open_database(
     dsn: str, *, timeout: float = 5.0, min_size: int = 1, max_size: int = 10
@@ -158,6 +172,7 @@ async def open_database(
 
     ``main()`` enters this around the whole actor tree.
     """
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_ignore_lost_connections)
         async with open_pool(dsn, timeout=timeout, min_size=min_size, max_size=max_size) as db:
             yield db

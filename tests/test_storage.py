@@ -284,3 +284,24 @@ async def test_an_id_named_twice_in_a_batch_closes_once(db: Database) -> None:
     ]
     assert len(events) == 1 and results[1].position is not None
     assert results[1].position.close_price == Decimal("3")
+
+
+async def _insert_then_sleep(conn: object) -> None:
+    await conn.execute(  # type: ignore[attr-defined]
+        "INSERT INTO user_seq (user_id, seq) VALUES ('cancelled', 1)"
+    )
+    await conn.execute("SELECT pg_sleep(5)")  # type: ignore[attr-defined]
+
+
+async def test_a_transaction_cancelled_mid_query_commits_nothing_and_closes_cleanly(
+    database_url: str, db: Database
+) -> None:
+    for _ in range(3):
+        # The runtime is closed right after the cancel: a terminated connection's late error
+        # must not crash the loop.
+        async with open_database(database_url) as fresh:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fresh.transaction, _insert_then_sleep)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                nursery.cancel_scope.cancel()
+    assert await db.fetchval("SELECT count(*) FROM user_seq WHERE user_id = 'cancelled'") == 0
