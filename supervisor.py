@@ -112,6 +112,7 @@ class EngineDirectory:
             functools.partial(store.open_positions, self.db),
             config=self.engine_config,
             stats=self.stats.setdefault(symbol, engine.EngineStats()),
+            feed=self.feed_box,
         )
         await self.supervisor.start_child(
             ChildSpec(child_id, start, mailboxes=(self.mailboxes[symbol],))

@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 import trio
+from tickguard.actors.feed import Unwatch, Watch
 from tickguard.actors.mailbox import Mailbox, ask
 from tickguard.actors.messages import (
     CloseOrder,
@@ -88,6 +89,7 @@ async def run(
     *,
     config: EngineConfig = EngineConfig(),
     stats: EngineStats | None = None,
+    feed: Mailbox[Any] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the engine of ``symbol`` until cancelled.
@@ -110,7 +112,7 @@ async def run(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(closer.run)
         nursery.start_soon(_take_windows, slot, engine)
-        nursery.start_soon(_follow_inbox, inbox, slot, engine)
+        nursery.start_soon(_follow_inbox, inbox, slot, engine, feed)
         task_status.started()
 
 
@@ -119,9 +121,15 @@ async def _take_windows(slot: WindowSlot, engine: _Engine) -> None:
         engine.judge(await slot.take())
 
 
-async def _follow_inbox(inbox: Mailbox[Track | Untrack], slot: WindowSlot, engine: _Engine) -> None:
+async def _follow_inbox(
+    inbox: Mailbox[Track | Untrack], slot: WindowSlot, engine: _Engine, feed: Mailbox[Any] | None
+) -> None:
     while True:
         message = await inbox.receive()
+        # The feed keeps a symbol subscribed while its engine watches anything: the last close
+        # lets it go (after the feed's linger), the next Track brings it back. Both come through
+        # this one inbox, in order, so a create racing the unsubscribe is never lost.
+        was_idle = engine.idle()
         if isinstance(message, Track):
             # Invariant 10: the pending window holds prices from before this position existed;
             # judge it against the positions that were already there, then insert.
@@ -133,6 +141,8 @@ async def _follow_inbox(inbox: Mailbox[Track | Untrack], slot: WindowSlot, engin
             engine.unwatch(message.position_id)
         else:
             log.error("engine %s: ignoring unexpected message %r", engine.symbol, message)
+        if feed is not None and was_idle != engine.idle():
+            feed.send_nowait(Unwatch(engine.symbol) if engine.idle() else Watch(engine.symbol))
 
 
 class _Engine:
@@ -164,6 +174,10 @@ class _Engine:
                 watchable.append(position)
         self._index.add_many(watchable)
         self._stats.positions_open = len(self._index)
+
+    def idle(self) -> bool:
+        """Nothing watched (a close still outstanding needs no more prices)."""
+        return len(self._index) == 0
 
     def unwatch(self, position_id: uuid.UUID) -> None:
         """The position closed by some path: stop watching it and drop any retry of its close."""

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
+from typing import Any
 
 import attrs
 import pytest
@@ -145,6 +146,7 @@ class Harness:
     inbox: Mailbox[Track | Untrack]
     stats: EngineStats
     scope: trio.CancelScope | None = None
+    feed: Mailbox[Any] = attrs.field(factory=lambda: Mailbox("feed"))
 
     def tick(self, price: str, second: int) -> None:
         self.slot.put(Decimal(price), second, at(second))
@@ -177,6 +179,7 @@ async def start_engine(nursery: trio.Nursery, h: Harness) -> trio.CancelScope:
                         h.db.load_open,
                         config=CONFIG,
                         stats=h.stats,
+                        feed=h.feed,
                     )
                 )
                 task_status.started(scope)
@@ -423,3 +426,26 @@ async def test_stopping_hands_over_a_batch_still_in_flight(autojump_clock) -> No
         assert handed.reply is None and handed.orders == request.orders
         await until(lambda: db.rows[a.id].status == "closed")
         nursery.cancel_scope.cancel()
+
+
+def feed_commands(h: Harness) -> list[tuple[str, str]]:
+    out = []
+    while True:
+        try:
+            command = h.feed.receive_nowait()
+        except trio.WouldBlock:
+            return out
+        out.append((type(command).__name__, command.symbol))
+
+
+async def test_the_feed_lets_a_symbol_go_when_its_last_position_closes(autojump_clock) -> None:
+    a = position(sl="90")
+    async with engine_running(a) as h:
+        b = position(sl="80", created=1)
+        await h.inbox.send(Untrack(a.id))  # closed manually: nothing left to watch
+        await until(lambda: h.stats.positions_open == 0)
+        await h.inbox.send(Track(b))  # a new position: watch the symbol again
+        await until(lambda: h.stats.positions_open == 1)
+        await h.inbox.send(Track(position(sl="70", created=2)))  # not idle before: no message
+        await until(lambda: h.stats.positions_open == 2)
+        assert feed_commands(h) == [("Unwatch", SYMBOL), ("Watch", SYMBOL)]
