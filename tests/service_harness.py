@@ -13,7 +13,6 @@ import attrs
 import httpx
 import trio
 import trio_websocket
-
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.supervision import RestartPolicy
 from tickguard.actors.wire import loads

@@ -7,11 +7,9 @@ from decimal import Decimal
 
 import pytest
 import trio
-
+from service_harness import Service, event_stream, running_service, wait_until_live
 from tickguard.sim import Simulator, open_simulator
 from tickguard.storage import Database
-
-from service_harness import Service, event_stream, running_service, wait_until_live
 
 
 async def feed_saw(service: Service, product: str, price: str) -> None:

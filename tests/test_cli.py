@@ -1,0 +1,164 @@
+"""The `tickguard` command as a user runs it: a real process, the embedded PostgreSQL, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from tickguard import __version__
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def environment(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "PORT"}}
+    env.update(
+        TICKGUARD_DATA_DIR=str(data_dir),
+        # Nothing listens there: the service must start and serve without a feed.
+        COINBASE_WS_URL="ws://127.0.0.1:9",
+        WS_RECONNECT_BASE_MS="100",
+        WS_RECONNECT_MAX_MS="500",
+        SHUTDOWN_GRACE_MS="5000",
+        **extra,
+    )
+    return env
+
+
+def tickguard(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tickguard", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+class Served:
+    """`tickguard serve` in a subprocess, until stop()."""
+
+    def __init__(self, data_dir: Path, cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cwd / f"serve-{self.port}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tickguard", "serve"],
+            env=environment(data_dir, PORT=str(self.port)),
+            cwd=cwd,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            assert self.process.poll() is None, self.output()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    done = tickguard("--version", env=environment(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"tickguard {__version__}"
+    done = tickguard("--help", env=environment(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0
+    for command in ("serve", "migrate", "db", "sim"):
+        assert command in done.stdout
+
+
+def test_a_bad_variable_stops_start_up_naming_it(tmp_path: Path) -> None:
+    done = tickguard("serve", env=environment(tmp_path, PORT="eighty"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "PORT" in done.stderr and "eighty" in done.stderr
+
+
+def test_serve_on_the_embedded_database_keeps_data_and_stops_in_order(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    served = Served(data, tmp_path)
+    try:
+        ready = httpx.get(served.url + "/ready", timeout=10)
+        assert ready.status_code == 200 and ready.json()["database"] == "ok"
+        created = httpx.post(
+            served.url + "/api/positions",
+            json={
+                "userId": "u1",
+                "symbol": "BTC-USD",
+                "side": "long",
+                "entryPrice": "100.5",
+                "stopLoss": 90,
+            },
+            timeout=10,
+        )
+        assert created.status_code == 201, created.text
+    finally:
+        code = served.stop()
+    log = served.output()
+    assert code == 0, log
+    assert f"embedded PostgreSQL in {data}" in log
+    assert "ws://127.0.0.1:9" in log and f"127.0.0.1:{served.port}" in log
+    stops = [
+        line.split(": stopping")[0].rsplit(" ", 1)[-1]
+        for line in log.splitlines()
+        if line.endswith(": stopping")
+    ]
+    assert stops[:3] == ["web", "feed", "engines"]
+    assert stops.index("persistence") < stops.index("fanout")
+    # Started again on the same directory: the position is still there.
+    again = Served(data, tmp_path)
+    try:
+        listed = httpx.get(again.url + "/api/positions", params={"userId": "u1"}, timeout=10)
+        assert [p["id"] for p in listed.json()["data"]] == [created.json()["data"]["id"]]
+    finally:
+        assert again.stop(signal.SIGINT) == 0, again.output()
+
+
+def test_db_dump_and_restore_round_trip_the_positions(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    served = Served(source, tmp_path)
+    try:
+        for price in ("1", "2.5", "3.12345678"):
+            response = httpx.post(
+                served.url + "/api/positions",
+                json={"userId": "u1", "symbol": "ETH-USD", "side": "short", "entryPrice": price},
+                timeout=10,
+            )
+            assert response.status_code == 201, response.text
+        before = httpx.get(served.url + "/api/positions", params={"userId": "u1"}).json()
+    finally:
+        assert served.stop() == 0
+    dump = tmp_path / "tickguard.dump"
+    done = tickguard("db", "dump", str(dump), env=environment(source), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert dump.stat().st_size > 0
+    done = tickguard("db", "restore", str(dump), env=environment(target), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    restored = Served(target, tmp_path)
+    try:
+        after = httpx.get(restored.url + "/api/positions", params={"userId": "u1"}).json()
+    finally:
+        assert restored.stop() == 0
+    assert after == before and len(after["data"]) == 3
