@@ -66,12 +66,14 @@ class EngineDirectory:
         feed_box: Mailbox[Any] | None,
         *,
         engine_config: engine.EngineConfig = engine.EngineConfig(),
+        faults: FaultPoints | None = None,
     ) -> None:
         self.db = db
         self.slots = slots
         self.persistence_box = persistence_box
         self.feed_box = feed_box
         self.engine_config = engine_config
+        self.faults = faults
         self.mailboxes: dict[str, Mailbox[Track | Untrack]] = {}
         self.stats: dict[str, engine.EngineStats] = {}  # per symbol, across engine restarts
         self.supervisor = Supervisor([ChildSpec("engine-starter", self._run_starter)])
@@ -113,6 +115,7 @@ class EngineDirectory:
             config=self.engine_config,
             stats=self.stats.setdefault(symbol, engine.EngineStats()),
             feed=self.feed_box,
+            faults=self.faults,
         )
         await self.supervisor.start_child(
             ChildSpec(child_id, start, mailboxes=(self.mailboxes[symbol],))
@@ -161,7 +164,7 @@ def build_tree(
     fanout_box: Mailbox[Any] = Mailbox("fanout")
     feed_box: Mailbox[Any] = Mailbox("feed")
     feed_status = feed.FeedStatus()
-    engines = EngineDirectory(db, slots, persistence_box, feed_box)
+    engines = EngineDirectory(db, slots, persistence_box, feed_box, faults=faults)
     app = create_app(
         AppServices(
             settings=settings,
@@ -195,12 +198,14 @@ def build_tree(
         ),
         ChildSpec(
             "fanout",
-            functools.partial(fanout.run, fanout_box, config=fanout.FanoutConfig()),
+            functools.partial(fanout.run, fanout_box, config=fanout.FanoutConfig(), faults=faults),
             mailboxes=(fanout_box,),
         ),
         ChildSpec(
             "feed",
-            functools.partial(feed.run, feed_config(settings), slots, feed_box, feed_status),
+            functools.partial(
+                feed.run, feed_config(settings), slots, feed_box, feed_status, faults=faults
+            ),
             mailboxes=(feed_box,),
         ),
         ChildSpec("engines", engines.supervisor.run, graceful=True, grace_s=grace_s),

@@ -28,6 +28,8 @@ from typing import Any
 
 import attrs
 import trio
+from tickguard.actors import faults as fault_points
+from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed import Unwatch, Watch
 from tickguard.actors.mailbox import Mailbox, ask
 from tickguard.actors.messages import (
@@ -90,6 +92,7 @@ async def run(
     config: EngineConfig = EngineConfig(),
     stats: EngineStats | None = None,
     feed: Mailbox[Any] | None = None,
+    faults: FaultPoints | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the engine of ``symbol`` until cancelled.
@@ -103,7 +106,7 @@ async def run(
     stats = stats if stats is not None else EngineStats()
     with trio.fail_after(config.load_timeout_s):
         loaded = await load_open(symbol)
-    closer = _Closer(symbol, persistence, config, stats)
+    closer = _Closer(symbol, persistence, config, stats, faults)
     engine = _Engine(symbol, TriggerIndex(), closer, stats)
     engine.watch_all(loaded)
     del loaded  # the index keeps only what the rule reads; the full rows can go
@@ -222,11 +225,13 @@ class _Closer:
         persistence: Mailbox[CloseRequest],
         config: EngineConfig,
         stats: EngineStats,
+        faults: FaultPoints | None = None,
     ) -> None:
         self._symbol = symbol
         self._persistence = persistence
         self._config = config
         self._stats = stats
+        self._faults = faults
         self._ready: dict[uuid.UUID, CloseOrder] = {}
         self._in_flight: dict[uuid.UUID, CloseOrder] = {}
         self._waiting: dict[uuid.UUID, tuple[CloseOrder, float]] = {}  # order, due time
@@ -289,6 +294,8 @@ class _Closer:
 
     async def _send(self, batch: list[CloseOrder]) -> None:
         orders = tuple(batch)
+        # Outside the try: an injected fault here crashes the engine instead of a retry.
+        await fault_points.hit(self._faults, "engine.before_close_batch")
         try:
             results = await ask(
                 self._persistence,
@@ -306,6 +313,7 @@ class _Closer:
                 exc,
             )
             failed = list(orders)
+        await fault_points.hit(self._faults, "engine.after_close_reply")
         self._in_flight = {}
         self._retry_later(failed)
         self._count_pending()

@@ -16,6 +16,8 @@ import logging
 
 import attrs
 import trio
+from tickguard.actors import faults as fault_points
+from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Event
 
@@ -145,6 +147,7 @@ async def run(
     inbox: Mailbox[Event | Join | Leave],
     *,
     config: FanoutConfig,
+    faults: FaultPoints | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the fanout actor until cancelled.
@@ -164,6 +167,7 @@ async def run(
         while True:
             message = await inbox.receive()
             if isinstance(message, Event):
+                await fault_points.hit(faults, "fanout.before_deliver")
                 if message.seq <= delivered.get(message.user_id, 0):
                     stats.duplicates += 1
                     continue

@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 import attrs
 import msgspec
 import trio
+from tickguard.actors import faults as fault_points
+from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
 
@@ -378,8 +380,10 @@ class _Feed:
         slots: WindowSlots,
         commands: Mailbox[FeedCommand],
         status: FeedStatus,
+        faults: FaultPoints | None = None,
     ) -> None:
         self.config = config
+        self.faults = faults
         self.slots = slots
         self.commands = commands
         self.status = status
@@ -526,6 +530,7 @@ class _Feed:
                 log.info("feed: connection ended: %s", exc)
                 return
             session.delivered = True
+            await fault_points.hit(self.faults, "feed.before_batch")
             now = trio.current_time()
             for data in batch:
                 on_message(session, data, now)
@@ -709,6 +714,7 @@ async def run(
     commands: Mailbox[FeedCommand],
     status: FeedStatus,
     *,
+    faults: FaultPoints | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one Coinbase connection until cancelled.
@@ -718,7 +724,7 @@ async def run(
     comes up in the background, so a down Coinbase never delays the rest of the tree). Never
     waits on an engine; never raises for bad feed input or network failures (it reconnects).
     """
-    feed = _Feed(config, slots, commands, status)
+    feed = _Feed(config, slots, commands, status, faults)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed.handle_commands)
         task_status.started()
