@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import trio
-from tickguard import __version__
+from tickguard import __version__, logs
 from tickguard.config import ConfigError, Settings, load_settings
 
 
@@ -40,30 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        body = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
-        return json.dumps(body)
-
-
 def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-    # hypercorn's access log is noise at info level
-    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+    """Log to stderr at ``LOG_LEVEL`` in ``LOG_FORMAT`` (see ``tickguard.logs``)."""
+    logs.configure(settings.log_level, "json" if settings.log_format == "json" else "text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

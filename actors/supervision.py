@@ -52,6 +52,7 @@ from typing import Any
 import attrs
 import trio
 from tickguard.actors.mailbox import Mailbox
+from tickguard.logs import ACTOR
 
 log = logging.getLogger("tickguard.supervisor")
 
@@ -264,6 +265,9 @@ class Supervisor:
     ) -> None:
         """Run one child until it is gone for good, restarting it as its spec says."""
         spec, policy = child.spec, self._policy
+        # This task is the child's own (nursery.start copied the context): every line the
+        # child logs, and the supervisor's lines about it, name it. Nested children override.
+        ACTOR.set(spec.id)
         launch: Callable[..., Awaitable[Any]] = spec.start
         if spec.graceful:
             launch = functools.partial(spec.start, stopping=child.stopping)
