@@ -74,6 +74,16 @@ function launch(label, args, env, cwd) {
   child.stdout.pipe(log);
   child.stderr.pipe(log);
   const exited = new Promise((done) => child.once("exit", (code, signal) => done({ code, signal })));
+  // Its own group does not die with us: if this process exits without stop(), take it along.
+  const orphanGuard = () => {
+    try {
+      process.kill(-child.pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  };
+  process.once("exit", orphanGuard);
+  exited.then(() => process.off("exit", orphanGuard));
   return { label, child, exited };
 }
 
