@@ -155,8 +155,12 @@ def build_tree(
     *,
     faults: FaultPoints | None = None,
     policy: RestartPolicy = RestartPolicy(),
+    fanout_config: fanout.FanoutConfig | None = None,
 ) -> Tree:
-    """The actors, their mailboxes and the order they start and stop in (not yet running)."""
+    """The actors, their mailboxes and the order they start and stop in (not yet running).
+
+    ``faults`` and ``fanout_config`` are for tests (fault points; a small session queue).
+    """
     from tickguard.web.app import AppServices, create_app, serve
 
     slots = WindowSlots()
@@ -198,7 +202,9 @@ def build_tree(
         ),
         ChildSpec(
             "fanout",
-            functools.partial(fanout.run, fanout_box, config=fanout.FanoutConfig(), faults=faults),
+            functools.partial(
+                fanout.run, fanout_box, config=fanout_config or fanout.FanoutConfig(), faults=faults
+            ),
             mailboxes=(fanout_box,),
         ),
         ChildSpec(
