@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -453,3 +454,79 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# --- WebSocket clients --------------------------------------------------------------------------
+
+
+@attrs.define
+class Listener:
+    """One user's /ws session in the load generator: when each position.closed arrived."""
+
+    user: str
+    closed_at: dict[str, float] = attrs.field(factory=dict)  # position id -> perf_counter
+    ready: trio.Event = attrs.field(factory=trio.Event)
+
+    async def listen(
+        self,
+        ws_base: str,
+        *,
+        stalled: bool = False,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, wait for connection.ready, then record every position.closed until
+        cancelled. A ``stalled`` session reads nothing after connection.ready (its socket
+        buffers fill and the server must not let that slow anyone else)."""
+        import trio_websocket
+        from tickguard.actors.wire import loads
+
+        async with trio_websocket.open_websocket_url(
+            f"{ws_base}/ws?userId={self.user}", message_queue_size=1
+        ) as ws:
+            while loads(await ws.get_message()).get("type") != "connection.ready":
+                pass
+            self.ready.set()
+            task_status.started()
+            if stalled:
+                await trio.sleep_forever()
+            while True:
+                message = await ws.get_message()
+                now = time.perf_counter()
+                event = loads(message)
+                if event.get("type") == "position.closed":
+                    self.closed_at[event["position"]["id"]] = now
+
+
+async def connect_listeners(
+    nursery: trio.Nursery,
+    ws_base: str,
+    users: Sequence[str],
+    *,
+    concurrency: int = 100,
+    stalled: frozenset[str] = frozenset(),
+) -> list[Listener]:
+    """Open one session per user (``concurrency`` handshakes at a time); returns once every
+    session has had its connection.ready. The sessions live in ``nursery``."""
+    listeners = [Listener(user) for user in users]
+    limit = trio.CapacityLimiter(concurrency)
+
+    async def one(listener: Listener) -> None:
+        async with limit:
+            await nursery.start(
+                functools.partial(listener.listen, ws_base, stalled=listener.user in stalled)
+            )
+
+    with trio.fail_after(max(60.0, len(users) / 20)):
+        async with trio.open_nursery() as connecting:
+            for listener in listeners:
+                connecting.start_soon(one, listener)
+    return listeners
+
+
+async def wait_closed(listeners: Sequence[Listener], expected: int, timeout: float) -> None:
+    """Until the listeners together received ``expected`` position.closed events."""
+    with trio.fail_after(timeout):
+        while sum(len(x.closed_at) for x in listeners) < expected:  # noqa: ASYNC110
+            # Plain dicts that nobody signals; the figures use the recorded receipt times, so
+            # this polling period never enters them.
+            await trio.sleep(0.002)
