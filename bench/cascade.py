@@ -1,0 +1,129 @@
+"""Benchmark 4, stop cascade: one tick triggers K positions; the time until every one is
+committed and its ``position.closed`` delivered to a WebSocket client, against K.
+
+For each K the service (``tickguard serve``, its own process) starts on a database holding K
+long positions with their stop at 99.9 (spread over ``USERS`` users, one /ws session each, so
+no single session queues more than its share); one trade at 99.8 triggers them all. An event
+is only sent after its transaction committed, so the last delivery bounds the last commit.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import trio
+from tickguard.sim import open_simulator
+
+from bench.common import (
+    Context,
+    Figure,
+    at_most,
+    connect_listeners,
+    fresh_database,
+    insert_positions,
+    new_position,
+    plot_path,
+    postgres_settings,
+    pyplot,
+    serve_subprocess,
+    wait_closed,
+    write_result,
+)
+
+NAME = "cascade"
+USERS = 100
+TARGETS_MS = {1_000: 150.0, 10_000: 1000.0}
+OLD_BACKEND_S = {1_000: "~0.7 s", 10_000: "6.4-7.3 s"}
+
+
+async def one_cascade(url: str, k: int, round_: int) -> dict[str, Any]:
+    users = [f"cascade{round_}-{u}" for u in range(min(USERS, k))]
+    await insert_positions(
+        url,
+        [
+            new_position(users[i % len(users)], "long", "100", stop="99.9", take=None)
+            for i in range(k)
+        ],
+    )
+    async with open_simulator({"BTC-USD": Decimal("100")}) as sim:
+        async with serve_subprocess(url, sim.url) as server:
+            async with trio.open_nursery() as nursery:
+                listeners = await connect_listeners(nursery, server.ws_base, users)
+                cpu_before = server.cpu_seconds()
+                sent = time.perf_counter()
+                sim.publish("BTC-USD", "99.8")
+                await wait_closed(listeners, k, timeout=120 + k / 500)
+                arrivals = sorted(t for x in listeners for t in x.closed_at.values())
+                cpu = server.cpu_seconds() - cpu_before
+                nursery.cancel_scope.cancel()
+    return {
+        "k": k,
+        "first_ms": (arrivals[0] - sent) * 1000,
+        "all_delivered_ms": (arrivals[-1] - sent) * 1000,
+        "half_delivered_ms": (arrivals[len(arrivals) // 2] - sent) * 1000,
+        "server_cpu_s": cpu,
+    }
+
+
+async def measure(url: str, sizes: list[int]) -> list[dict[str, Any]]:
+    return [await one_cascade(url, k, i) for i, k in enumerate(sizes)]
+
+
+def run(ctx: Context) -> Path:
+    started = time.perf_counter()
+    sizes = [1_000, 10_000] if ctx.quick else [1_000, 10_000, 100_000]
+    pg = postgres_settings(ctx)
+    with fresh_database(ctx) as url:
+        rows = trio.run(measure, url, sizes)
+    figures = []
+    for row in rows:
+        k = row["k"]
+        target = TARGETS_MS.get(k)
+        figures.append(
+            Figure(
+                f"K={k:,}: all committed and delivered",
+                row["all_delivered_ms"],
+                "ms",
+                f"<= {target:,.0f} ms" if target else "",
+                at_most(row["all_delivered_ms"], target) if target else None,
+            )
+        )
+        figures.append(Figure(f"K={k:,}: first event delivered", row["first_ms"], "ms"))
+        figures.append(Figure(f"K={k:,}: server CPU used", row["server_cpu_s"] * 1000, "ms"))
+        if k in OLD_BACKEND_S:
+            figures.append(Figure(f"  (old backend K={k:,}: {OLD_BACKEND_S[k]})", None, ""))
+    _plot(ctx, rows)
+    return write_result(
+        ctx,
+        NAME,
+        params={"sizes": sizes, "users": USERS},
+        figures=figures,
+        data={"rows": rows},
+        pg=pg,
+        started=started,
+    )
+
+
+def _plot(ctx: Context, rows: list[dict[str, Any]]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = [r["k"] for r in rows]
+    ax.plot(ks, [r["all_delivered_ms"] for r in rows], "o-", label="tickguard: all delivered")
+    ax.plot(ks, [r["first_ms"] for r in rows], "^-", label="tickguard: first delivered")
+    ax.plot([1_000, 10_000], [700, 6_850], "s--", color="grey", label="old backend")
+    ax.plot(
+        list(TARGETS_MS), list(TARGETS_MS.values()), "x", color="red", markersize=10, label="target"
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("positions triggered by one tick (K)")
+    ax.set_ylabel("ms from tick to delivery")
+    ax.set_title("Stop cascade")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plot_path(ctx, NAME), dpi=110)
+    plt.close(fig)
