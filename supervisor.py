@@ -162,12 +162,16 @@ def build_tree(
     ``faults`` and ``fanout_config`` are for tests (fault points; a small session queue).
     """
     from tickguard.web.app import AppServices, create_app, serve
+    from tickguard.web.metrics import MetricsSources
 
     slots = WindowSlots()
     persistence_box: Mailbox[Any] = Mailbox("persistence")
     fanout_box: Mailbox[Any] = Mailbox("fanout")
     feed_box: Mailbox[Any] = Mailbox("feed")
     feed_status = feed.FeedStatus()
+    # The actors write these counters and /metrics reads them; they outlive actor restarts.
+    persistence_stats = persistence.PersistenceStats()
+    fanout_config = fanout_config or fanout.FanoutConfig()
     engines = EngineDirectory(db, slots, persistence_box, feed_box, faults=faults)
     app = create_app(
         AppServices(
@@ -178,6 +182,7 @@ def build_tree(
             feed=feed_box,
             feed_status=feed_status,
             slots=slots,
+            metrics=MetricsSources(engines.stats, persistence_stats, fanout_config.stats),
         )
     )
     grace_s = settings.shutdown_grace_ms / 1000
@@ -194,6 +199,7 @@ def build_tree(
                 config=persistence.PersistenceConfig(
                     max_open_per_user=settings.max_open_positions_per_user
                 ),
+                stats=persistence_stats,
                 faults=faults,
             ),
             mailboxes=(persistence_box,),
@@ -202,9 +208,7 @@ def build_tree(
         ),
         ChildSpec(
             "fanout",
-            functools.partial(
-                fanout.run, fanout_box, config=fanout_config or fanout.FanoutConfig(), faults=faults
-            ),
+            functools.partial(fanout.run, fanout_box, config=fanout_config, faults=faults),
             mailboxes=(fanout_box,),
         ),
         ChildSpec(

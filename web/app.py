@@ -15,8 +15,9 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 from tickguard.config import Settings
-from tickguard.web import cors, errors
+from tickguard.web import cors, errors, request_ids
 from tickguard.web.json import WireJSONProvider
+from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
 from tickguard.web.routes import routes
 from tickguard.web.services import EXTENSION, AppServices, FeedStatus, WsStats, services_of
@@ -43,6 +44,8 @@ def create_app(services: AppServices) -> QuartTrio:
     app.register_blueprint(routes)
     app.register_blueprint(ws)
     app.register_blueprint(openapi)
+    app.register_blueprint(metrics)
+    request_ids.install(app)
     return app
 
 

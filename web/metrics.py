@@ -1,0 +1,194 @@
+"""``GET /metrics``: the actors' counters in Prometheus text format, read at scrape time.
+
+The actors keep plain counters (``FeedStatus``, ``EngineStats`` per symbol,
+``PersistenceStats``, ``FanoutStats``); nothing here is updated on the hot path. At each scrape
+``TickguardCollector`` reads them (synchronously, so in one Trio scheduling step: a consistent
+view) and builds the metric families. Each app has its own ``CollectorRegistry`` (in
+``app.extensions``), never prometheus-client's global one, so several apps in one process
+(tests) do not clash.
+
+Metrics (``{label}``):
+
+- ``tickguard_feed_ticks_total{symbol}``, ``tickguard_feed_missed_trades_total{symbol}``,
+  ``tickguard_feed_product_live{symbol}`` (1 when live, else 0), ``tickguard_feed_connected``,
+  ``tickguard_feed_reconnects_total``, ``tickguard_feed_malformed_total``
+- ``tickguard_engine_window_seconds{symbol}`` (time spent judging the last window),
+  ``tickguard_engine_windows_total{symbol}``, ``tickguard_positions_open{symbol}``
+- ``tickguard_closes_total{reason}`` (committed closes; every reason is always present)
+- ``tickguard_ws_sessions``, ``tickguard_ws_dropped_slow_total``
+- ``tickguard_db_errors_total``, ``tickguard_persistence_transactions_total``
+
+A source the app was not given (e.g. a test app without actors) is left out, not reported 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from quart import Blueprint, Quart, Response, current_app, request
+from quart.blueprints import BlueprintSetupState
+from tickguard.actors.engine import EngineStats
+from tickguard.actors.fanout import FanoutStats
+from tickguard.actors.persistence import PersistenceStats
+from tickguard.web.services import AppServices, services_of
+
+REGISTRY = "tickguard.metrics"
+CLOSE_REASONS = ("take_profit", "stop_loss", "manual", "system")
+
+
+@attrs.frozen
+class MetricsSources:
+    """The actors' stats objects /metrics reads (the feed's comes from ``AppServices``).
+
+    ``engines`` is the live per-symbol mapping the engine directory fills as engines start.
+    """
+
+    engines: Mapping[str, EngineStats] = attrs.field(factory=dict)
+    persistence: PersistenceStats | None = None
+    fanout: FanoutStats | None = None
+
+
+class TickguardCollector(Collector):
+    """Builds tickguard's metric families from ``services`` each time it is collected."""
+
+    def __init__(self, services: AppServices) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._feed()
+        sources = self.services.metrics
+        if isinstance(sources, MetricsSources):
+            yield from _engines(sources.engines)
+            if sources.persistence is not None:
+                yield from _persistence(sources.persistence)
+            if sources.fanout is not None:
+                yield from _fanout(sources.fanout)
+
+    def _feed(self) -> Iterator[Metric]:
+        if self.services.feed_status is None:
+            return
+        snapshot: dict[str, Any] = self.services.feed_status.snapshot()
+        products: dict[str, dict[str, Any]] = snapshot.get("products", {})
+        ticks = CounterMetricFamily(
+            "tickguard_feed_ticks", "Tickers received per symbol.", labels=["symbol"]
+        )
+        missed = CounterMetricFamily(
+            "tickguard_feed_missed_trades",
+            "Trades skipped between two tickers (trade id gaps) per symbol.",
+            labels=["symbol"],
+        )
+        live = GaugeMetricFamily(
+            "tickguard_feed_product_live",
+            "1 while the symbol's feed is live, 0 when connecting, stale or rejected.",
+            labels=["symbol"],
+        )
+        for symbol, product in sorted(products.items()):
+            ticks.add_metric([symbol], product.get("ticks", 0))
+            missed.add_metric([symbol], product.get("missed_trades", 0))
+            live.add_metric([symbol], 1 if product.get("state") == "live" else 0)
+        yield ticks
+        yield missed
+        yield live
+        yield GaugeMetricFamily(
+            "tickguard_feed_connected",
+            "1 while the Coinbase connection is up.",
+            value=1 if snapshot.get("connected") else 0,
+        )
+        yield CounterMetricFamily(
+            "tickguard_feed_reconnects",
+            "Coinbase connections re-established after a loss.",
+            value=snapshot.get("reconnects", 0),
+        )
+        yield CounterMetricFamily(
+            "tickguard_feed_malformed",
+            "Feed messages that could not be parsed, skipped.",
+            value=snapshot.get("malformed", 0),
+        )
+
+
+def _engines(engines: Mapping[str, EngineStats]) -> Iterator[Metric]:
+    latency = GaugeMetricFamily(
+        "tickguard_engine_window_seconds",
+        "Time the symbol's engine spent judging its last window.",
+        labels=["symbol"],
+    )
+    windows = CounterMetricFamily(
+        "tickguard_engine_windows", "Windows judged per symbol.", labels=["symbol"]
+    )
+    open_positions = GaugeMetricFamily(
+        "tickguard_positions_open",
+        "Open positions the symbol's engine watches.",
+        labels=["symbol"],
+    )
+    # A copy: the mapping grows when an engine starts (not during this synchronous read, but
+    # a copy keeps that reasoning local).
+    for symbol, stats in sorted(dict(engines).items()):
+        if stats.last_window_latency_s is not None:
+            latency.add_metric([symbol], stats.last_window_latency_s)
+        windows.add_metric([symbol], stats.windows_judged)
+        open_positions.add_metric([symbol], stats.positions_open)
+    yield latency
+    yield windows
+    yield open_positions
+
+
+def _persistence(stats: PersistenceStats) -> Iterator[Metric]:
+    closes = CounterMetricFamily(
+        "tickguard_closes", "Positions closed (committed), by reason.", labels=["reason"]
+    )
+    by_reason = dict.fromkeys(CLOSE_REASONS, 0) | stats.closes_by_reason
+    for reason, count in sorted(by_reason.items()):
+        closes.add_metric([reason], count)
+    yield closes
+    yield CounterMetricFamily(
+        "tickguard_db_errors",
+        "Database operations of the persistence actor that failed (unavailable).",
+        value=stats.db_errors,
+    )
+    yield CounterMetricFamily(
+        "tickguard_persistence_transactions",
+        "Transactions the persistence actor committed.",
+        value=stats.transactions,
+    )
+
+
+def _fanout(stats: FanoutStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "tickguard_ws_sessions", "Open WebSocket sessions.", value=stats.sessions
+    )
+    yield CounterMetricFamily(
+        "tickguard_ws_dropped_slow",
+        "WebSocket sessions closed with 1013 because their queue overflowed.",
+        value=stats.dropped_slow,
+    )
+
+
+def registry_for(services: AppServices) -> CollectorRegistry:
+    """A new registry holding only tickguard's collector for ``services``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TickguardCollector(services))
+    return registry
+
+
+metrics = Blueprint("metrics", __name__)
+
+
+@metrics.record_once
+def _install(state: BlueprintSetupState) -> None:
+    app: Quart = state.app
+    app.extensions[REGISTRY] = registry_for(services_of(app))
+
+
+@metrics.get("/metrics")
+async def scrape() -> Response:
+    """The metrics in the format the scraper's ``Accept`` asks for (Prometheus text by
+    default, OpenMetrics when asked), as prometheus-client's own exporters answer."""
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encode(current_app.extensions[REGISTRY])
+    return Response(body, status=200, content_type=content_type)
