@@ -99,3 +99,33 @@ test("a long position with a stop moves to the closed table when the price cross
   await page.screenshot({ path: join(artifactsDir, "dashboard-closed.png"), fullPage: true });
   assert.deepEqual(problems, []);
 });
+
+test("the close button closes a position at the feed's price and rejects nothing silently", { timeout: 60_000 }, async () => {
+  const page = await context.newPage();
+  const base = server.resolvedUrls.local[0];
+  const userId = `browser-close-${Date.now()}`;
+  await page.goto(`${base}?feed=${encodeURIComponent(stack.simUrl)}&user=${userId}`);
+  await page.locator('[data-testid="backend-state"][data-state="open"]').waitFor();
+
+  // A bracket the server refuses shows its sentence.
+  await page.getByLabel("Symbol").selectOption("ETH-USD");
+  await page.getByLabel("Side").selectOption("short");
+  await page.getByLabel("Entry price").fill("3000");
+  await page.getByLabel("Take profit").fill("3100");
+  await page.getByRole("button", { name: "Open short" }).click();
+  await page.getByText("For short positions, takeProfit must be below entryPrice.").waitFor();
+
+  await page.getByLabel("Take profit").fill("1000");
+  await page.getByLabel("Stop loss").fill("5000");
+  await page.getByRole("button", { name: "Open short" }).click();
+  const openRow = page.locator('[data-testid="open-positions"] tbody tr[data-position-id]');
+  await openRow.first().waitFor();
+  const positionId = await openRow.first().getAttribute("data-position-id");
+  const closeButton = openRow.first().getByRole("button", { name: "Close" });
+  await page.waitForFunction((button) => !button.disabled, await closeButton.elementHandle());
+  await closeButton.click();
+  const closedRow = page.locator(`[data-testid="closed-positions"] tr[data-position-id="${positionId}"]`);
+  await closedRow.waitFor();
+  assert.equal(await closedRow.locator("td.reason").innerText(), "manual");
+  await openRow.first().waitFor({ state: "detached" });
+});
