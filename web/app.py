@@ -16,6 +16,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 from tickguard.config import Settings
 from tickguard.web import cors, errors, request_ids
+from tickguard.web.dashboard import dashboard
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
@@ -45,6 +46,7 @@ def create_app(services: AppServices) -> QuartTrio:
     app.register_blueprint(ws)
     app.register_blueprint(openapi)
     app.register_blueprint(metrics)
+    app.register_blueprint(dashboard)
     request_ids.install(app)
     return app
 
