@@ -8,11 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# The directory whose presence means "the browser tests exist and must run".
-BROWSER_DIR := clients/react
+# The React client package, its demo dashboard and their tests (Node 20 and npm).
+REACT := clients/react
+NPM_STAMP := $(REACT)/node_modules/.installed
+CHROMIUM ?= /usr/bin/chromium
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install run sim test lint format check test-browser test-binary binary clean distclean
+.PHONY: help venv install run sim demo demo-build test lint format check test-browser test-binary binary clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -52,13 +54,23 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 
 check: lint test test-browser test-binary ## everything CI runs
 
-# Placeholder until the React client's tests are wired here: passes only while its directory is
-# absent, so adding the client without wiring its tests fails CI instead of skipping them.
-test-browser: ## browser tests of the React client (not built yet)
-	@if [ -e $(BROWSER_DIR) ]; then \
-		echo "test-browser: $(BROWSER_DIR) exists but its tests are not wired into the Makefile" >&2; exit 1; \
-	fi
-	@echo "test-browser: not built yet ($(BROWSER_DIR) does not exist)"
+$(NPM_STAMP): $(REACT)/package.json $(REACT)/package-lock.json
+	cd $(REACT) && npm ci --no-audit --no-fund
+	@touch $@
+
+demo-build: $(NPM_STAMP) ## build the demo dashboard (tickguard serve then serves it at /)
+	cd $(REACT) && npm run build
+
+demo: $(STAMP) $(NPM_STAMP) ## the dashboard against the simulator, in one command (Ctrl-C stops all)
+	cd $(REACT) && npm run demo
+
+# vitest against a real tickguard, then the dashboard in headless Chromium (playwright-core
+# drives the system's Chromium; nothing downloads a browser).
+test-browser: $(STAMP) $(NPM_STAMP) ## React client: typecheck, vitest, browser end-to-end test
+	@test -x $(CHROMIUM) || { echo "test-browser: $(CHROMIUM) is missing (Debian: apt-get install chromium)" >&2; exit 1; }
+	cd $(REACT) && npm run typecheck
+	cd $(REACT) && npm test
+	cd $(REACT) && npm run test:browser
 
 # Builds the binary, then runs its tests against it (they skip when no binary exists, so they
 # only ever run for real here). Exit 5 ("no tests collected") fails, as in `test`.
@@ -68,12 +80,13 @@ test-binary: binary ## build dist/tickguard, then run tests/test_binary.py again
 	exit $$rc
 
 # PyInstaller is a build tool, not a dependency: installed here only, at constraints.txt's pin.
-binary: $(STAMP) ## build dist/tickguard (one file) with PyInstaller from deploy/tickguard.spec
+binary: $(STAMP) demo-build ## build dist/tickguard (one file, dashboard included) with PyInstaller
 	$(BIN)/python -m pip install --quiet -c constraints.txt pyinstaller
 	$(BIN)/pyinstaller --noconfirm --clean --distpath dist --workpath build/pyinstaller deploy/tickguard.spec
 
 clean: ## remove build output and caches (keeps .venv)
-	rm -rf build dist .pytest_cache .ruff_cache .mypy_cache .hypothesis test-artifacts
+	rm -rf build dist .pytest_cache .ruff_cache .mypy_cache .hypothesis test-artifacts \
+		$(REACT)/demo/dist $(REACT)/test-artifacts
 
 distclean: clean ## also remove .venv
 	rm -rf $(VENV)
