@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -196,6 +197,27 @@ def fresh_database(ctx: Context) -> Iterator[str]:
         asyncio.run(_admin(ctx.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+async def _commit_times(url: str, count: int) -> list[float]:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit_floor (n int)")
+        samples = []
+        for i in range(count):
+            started = time.perf_counter()
+            await conn.execute("INSERT INTO bench_commit_floor VALUES ($1)", i)
+            samples.append(time.perf_counter() - started)
+        await conn.execute("DROP TABLE bench_commit_floor")
+        return samples
+    finally:
+        await conn.close()
+
+
+def commit_floor(url: str, count: int = 200) -> dict[str, float]:
+    """What one durable commit of a one-row INSERT costs on this server (client round trip
+    included): the floor under every figure that waits for a commit."""
+    return distribution_ms(asyncio.run(_commit_times(url, count)))
+
+
 # --- seeding positions --------------------------------------------------------------------------
 
 
@@ -367,9 +389,13 @@ async def serve_subprocess(
             if wait_engine:
                 await server.wait_for_line("engine BTC-USD started")
             await wait_ready(server.base_url)
+            profiler = await _start_profiler(process.pid)
             try:
                 yield server
             finally:
+                if profiler is not None:
+                    profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                    await profiler.wait()
                 process.terminate()
                 with trio.move_on_after(30):
                     await process.wait()
@@ -379,6 +405,22 @@ async def serve_subprocess(
     finally:
         if process.returncode is None:
             process.kill()
+
+
+async def _start_profiler(pid: int) -> trio.Process | None:
+    """With BENCH_PYSPY=DIR set, sample the server with py-spy (collapsed stacks, one file per
+    server start) until it stops: how BENCHMARKS.md's profiles were taken."""
+    out_dir = os.environ.get("BENCH_PYSPY")
+    if not out_dir:
+        return None
+    os.makedirs(out_dir, exist_ok=True)  # noqa: ASYNC230 - before anything is measured
+    out = os.path.join(out_dir, f"serve-{pid}.txt")
+    py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return await trio.lowlevel.open_process(
+        [py_spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def wait_ready(base_url: str, product: str = "BTC-USD") -> None:

@@ -27,6 +27,7 @@ from bench.common import (
     Figure,
     at_most,
     background,
+    commit_floor,
     distribution_ms,
     fresh_database,
     insert_positions,
@@ -95,6 +96,7 @@ def run(ctx: Context) -> Path:
     pg = postgres_settings(ctx)
     with fresh_database(ctx) as url:
         trio.run(insert_positions, url, background(OPEN_POSITIONS))
+        floor = commit_floor(url)
         raw = trio.run(measure, url, triggers)
     close = distribution_ms(raw["close_s"])
     create = distribution_ms(raw["create_s"])
@@ -116,6 +118,7 @@ def run(ctx: Context) -> Path:
         ),
         Figure("tick -> position.closed max", close["max_ms"], "ms"),
         Figure("  (old backend median, 1 open position)", 3.5, "ms"),
+        Figure("one-row durable commit alone, p50", floor["p50_ms"], "ms"),
         Figure("POST -> position.created on /ws p50", create["p50_ms"], "ms"),
         Figure("POST -> position.created on /ws p99", create["p99_ms"], "ms"),
     ]
