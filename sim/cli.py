@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(run)
-    except KeyboardInterrupt:
-        pass
+    except* KeyboardInterrupt:
+        pass  # Ctrl-C is how a user stops the simulator
     finally:
         print(json.dumps(sim.stats()), file=sys.stderr, flush=True)
     return 0
