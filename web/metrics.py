@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from quart import Blueprint, Quart, Response, current_app, request
+from quart import Blueprint, Response, current_app, request
 from quart.blueprints import BlueprintSetupState
 from tickguard.actors.engine import EngineStats
 from tickguard.actors.fanout import FanoutStats
@@ -181,7 +181,7 @@ metrics = Blueprint("metrics", __name__)
 
 @metrics.record_once
 def _install(state: BlueprintSetupState) -> None:
-    app: Quart = state.app
+    app = state.app
     app.extensions[REGISTRY] = registry_for(services_of(app))
 
 

@@ -14,9 +14,16 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
 
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPResponseStartEvent,
+    HTTPScope,
+    Scope,
+)
 from quart import Quart
 from tickguard.logs import REQUEST_ID
 
@@ -26,11 +33,7 @@ _SANE = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 
 access_log = logging.getLogger("tickguard.web.access")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
 
 def new_request_id() -> str:
@@ -38,7 +41,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def request_id_from(headers: list[tuple[bytes, bytes]]) -> str | None:
+def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The first ``X-Request-Id`` of an ASGI header list if it is sane, else None."""
     for name, value in headers:
         if name.lower() == _HEADER_KEY:
@@ -56,11 +59,13 @@ class RequestIds:
     def __init__(self, app: AsgiApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope.get("headers", [])) or new_request_id()
+        request_id = request_id_from(scope["headers"]) or new_request_id()
         token = REQUEST_ID.set(request_id)
         try:
             if scope["type"] == "http":
@@ -70,17 +75,28 @@ class RequestIds:
         finally:
             REQUEST_ID.reset(token)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+    async def _http(
+        self,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        request_id: str,
+    ) -> None:
         started = time.perf_counter()
         status: int | None = None
 
-        async def send_with_id(message: Message) -> None:
+        async def send_with_id(message: ASGISendEvent) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [h for h in message.get("headers", []) if h[0].lower() != _HEADER_KEY]
+                headers = [h for h in message["headers"] if h[0].lower() != _HEADER_KEY]
                 headers.append((_HEADER_KEY, request_id.encode("ascii")))
-                message = {**message, "headers": headers}
+                echoed = HTTPResponseStartEvent(
+                    type="http.response.start", status=message["status"], headers=headers
+                )
+                if "trailers" in message:
+                    echoed["trailers"] = message["trailers"]
+                message = echoed
             await send(message)
 
         try:
@@ -88,8 +104,8 @@ class RequestIds:
         finally:
             access_log.debug(
                 "%s %s %s %.1fms",
-                scope.get("method", "?"),
-                scope.get("path", "?"),
+                scope["method"],
+                scope["path"],
                 status if status is not None else "-",
                 (time.perf_counter() - started) * 1000,
             )
