@@ -74,6 +74,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
                         "--report-ndjson-path",
                         str(report),
                     ],
+                    cwd=tmp_path,  # schemathesis keeps its example database in the cwd
                     capture_stdout=True,
                     stderr=subprocess.STDOUT,
                     check=False,
