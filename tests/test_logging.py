@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -277,3 +279,57 @@ def test_log_format_and_level_from_the_environment(tmp_path: Path) -> None:
         "DEBUG [-] tickguard.x: quiet",
         "INFO [-] tickguard.x: said",
     ]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_serve_with_json_logs_writes_nothing_but_json_lines(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The real process: every stderr line (hypercorn's included) is one JSON object."""
+    port = _free_port()
+    stderr = tmp_path / "serve.log"
+    async with open_simulator({"BTC-USD": "65000"}, heartbeat_interval=0.2) as sim:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("LOG_", "TICKGUARD_"))}
+        env = {
+            **clean,
+            "DATABASE_URL": database_url,
+            "PORT": str(port),
+            "COINBASE_WS_URL": sim.url,
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "debug",
+        }
+        with stderr.open("w") as sink:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "tickguard", "serve"], env=env, cwd=tmp_path, stderr=sink
+            )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                with trio.fail_after(60):
+                    while True:
+                        assert process.poll() is None, stderr.read_text()
+                        try:
+                            if (await client.get("/health")).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            await trio.sleep(0.1)
+                response = await client.get("/metrics", headers={HEADER: "scrape-1"})
+                assert response.status_code == 200
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                code = await process.wait()
+    assert code == 0, stderr.read_text()
+    lines = [json.loads(text) for text in stderr.read_text().splitlines()]
+    running = [line for line in lines if line["logger"] == "hypercorn.error"]
+    assert running and all(line["actor"] == "web" for line in running)
+    assert any(
+        line["request_id"] == "scrape-1" and line["message"].startswith("GET /metrics 200")
+        for line in lines
+    )
+    assert any(line["actor"] == "feed" for line in lines)

@@ -8,6 +8,7 @@ once the socket listens, with the base URLs it listens on (port 0 picks a free p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -79,6 +80,8 @@ async def serve(
     config.websocket_ping_interval = ws_ping_interval
     config.graceful_timeout = graceful_timeout
     config.accesslog = None
+    # hypercorn's own stderr handler would bypass LOG_FORMAT; its logger propagates to ours.
+    config.errorlog = logging.getLogger("hypercorn.error")
     # Quart enforces MAX_CONTENT_LENGTH itself (as a 413); hypercorn's limits stay above it.
     config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, MAX_BODY_BYTES)
     sessions = live_sessions(app)
