@@ -196,3 +196,11 @@ async def test_without_the_database_the_session_closes_1011(
         async with open_websocket_url(ws_url(url, "alice")) as ws:
             code, reason = await _closed_with(ws)
     assert (code, reason) == (1011, "database unavailable")
+
+
+async def test_plain_http_on_the_websocket_path_says_to_upgrade(db: Database) -> None:
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        response = await client.get("/ws", params={"userId": "u1"})
+    assert response.status_code == 426
+    assert response.headers["upgrade"] == "websocket"
+    assert "WebSocket" in response.json()["error"]

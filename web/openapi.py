@@ -215,7 +215,7 @@ ROUTES: tuple[RouteDoc, ...] = (
         "bad userId, 1009 frame over 64 KiB, 1013 slow consumer, 1012 gateway restarting, "
         "1001 shutting down, 1011 database unavailable.",
         (101, "Switching protocols.", _ANY_OBJECT),
-        {},
+        {426: "A plain HTTP request (no WebSocket upgrade)."},
         query=schemas.USER_QUERY,
     ),
 )

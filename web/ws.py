@@ -32,6 +32,7 @@ from tickguard.actors.fanout import (
 from tickguard.actors.wire import dumps, loads
 from tickguard.storage import DatabaseUnavailable
 from tickguard.storage.positions import latest_seq
+from tickguard.web.errors import ApiError
 from tickguard.web.schemas import FieldError, parse_user_id
 from tickguard.web.services import WsStats, services_of
 
@@ -70,6 +71,16 @@ class LiveSessions:
 def live_sessions(app: QuartTrio) -> LiveSessions:
     sessions: LiveSessions = app.extensions[LIVE_SESSIONS]
     return sessions
+
+
+@ws.get("/ws")
+async def not_upgraded() -> None:
+    """A plain HTTP request on the WebSocket path: say what it is instead of a vague 400."""
+    raise ApiError(
+        426,
+        "/ws is a WebSocket endpoint: connect with a WebSocket upgrade.",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
 
 
 @ws.websocket("/ws")
