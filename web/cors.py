@@ -11,8 +11,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
-ALLOWED_HEADERS = "Content-Type, Idempotency-Key"
-EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed"
+ALLOWED_HEADERS = "Content-Type, Idempotency-Key, X-Request-Id"
+EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed, X-Request-Id"
 PREFLIGHT_MAX_AGE = "600"
 
 

@@ -138,6 +138,7 @@ class RouteDoc:
     query: Schema | None = None
     headers: tuple[schemas.Field, ...] = ()
     path_params: tuple[str, ...] = ()
+    media_type: str = "application/json"  # of the success body
 
 
 ROUTES: tuple[RouteDoc, ...] = (
@@ -200,6 +201,15 @@ ROUTES: tuple[RouteDoc, ...] = (
         },
         body=schemas.CLOSE_POSITION,
         path_params=("id",),
+    ),
+    RouteDoc(
+        "get",
+        "/metrics",
+        "Prometheus metrics: ticks, reconnects, window latency, open positions, closes by "
+        "reason, WebSocket sessions, dropped slow sessions, database errors.",
+        (200, "Prometheus text exposition format.", {"type": "string"}),
+        {},
+        media_type="text/plain",
     ),
     RouteDoc(
         "get",
@@ -268,7 +278,10 @@ def document() -> dict[str, Any]:
     for route in ROUTES:
         status, description, body_schema = route.success
         responses: dict[str, Any] = {
-            str(status): {"description": description, **_json(body_schema)}
+            str(status): {
+                "description": description,
+                "content": {route.media_type: {"schema": body_schema}},
+            }
         }
         for code, text in {**route.errors, **_COMMON}.items():
             responses[str(code)] = {
