@@ -136,8 +136,7 @@ async def _follow_inbox(
         if isinstance(message, Track):
             # Invariant 10: the pending window holds prices from before this position existed;
             # judge it against the positions that were already there, then insert.
-            pending = slot.take_nowait()
-            if pending is not None:
+            while (pending := slot.take_nowait()) is not None:
                 engine.judge(pending)
             engine.watch(message.position)
         elif isinstance(message, Untrack):

@@ -575,7 +575,9 @@ class _Feed:
         if status.state != "live" and product in session.subscribed:
             status.state = "live"
         last = self.last_trade_id.get(product)
-        if product not in session.first_ticker_seen:
+        # The first ticker of a subscription is the last trade, however old: its own window.
+        first = product not in session.first_ticker_seen
+        if first:
             session.first_ticker_seen.add(product)
             if last is not None and trade_id > last + 1:
                 # Trades happened while we were away: the ticker after the ack is the last one.
@@ -588,7 +590,7 @@ class _Feed:
         if self.ahead:
             self.ahead.pop(product, None)
         status.ticks += 1
-        self.slots.get(product).put(msg.price, trade_id, msg.time)  # type: ignore[arg-type]
+        self.slots.get(product).put(msg.price, trade_id, msg.time, alone=first)  # type: ignore[arg-type]
 
     def on_heartbeat(self, product: str, last_trade_id: int, now: float) -> None:
         status = self.status.product(product)

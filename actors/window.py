@@ -7,6 +7,7 @@ whole window out, so no delivered price extreme is skipped however slow the engi
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import datetime
 from decimal import Decimal
 
@@ -46,37 +47,47 @@ class TickWindow:
 
 
 class WindowSlot:
-    """One symbol's pending window: the feed puts, the engine takes.
+    """One symbol's pending windows: the feed puts, the engine takes.
+
+    Usually one window, into which every tick merges. A tick put ``alone`` (the last-trade
+    ticker Coinbase sends right after a subscription ack, possibly minutes old) becomes a window
+    of its own, and the ticks after it start a new one: merged with fresh ticks, its old price
+    would carry a fresh trade time and could close a position created after it (invariant 10).
 
     Created by the supervisor, so that a restarted feed or engine finds the same slot.
     """
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
-        self._pending: TickWindow | None = None
+        self._windows: deque[TickWindow] = deque()
+        self._last_alone = False
         self._ready = trio.Event()
         self.last_price: Decimal | None = None
         self.last_time: datetime | None = None
 
-    def put(self, price: Decimal, trade_id: int, time: datetime) -> None:
+    def put(self, price: Decimal, trade_id: int, time: datetime, *, alone: bool = False) -> None:
         """Merge one ticker into the pending window and wake the engine. Never blocks."""
-        if self._pending is None:
-            self._pending = TickWindow.of(price, trade_id, time)
+        if alone or not self._windows or self._last_alone:
+            self._windows.append(TickWindow.of(price, trade_id, time))
         else:
-            self._pending = self._pending.merge(price, trade_id, time)
+            self._windows[-1] = self._windows[-1].merge(price, trade_id, time)
+        self._last_alone = alone
         self.last_price = price
         self.last_time = time
         self._ready.set()
 
     def take_nowait(self) -> TickWindow | None:
-        """Swap out the pending window (None when no tick arrived since the last take)."""
-        window, self._pending = self._pending, None
-        if self._ready.is_set():
+        """Swap out the oldest pending window (None when no tick arrived since the last take)."""
+        if not self._windows:
+            return None
+        window = self._windows.popleft()
+        if not self._windows:
+            self._last_alone = False
             self._ready = trio.Event()
         return window
 
     async def take(self) -> TickWindow:
-        """Wait until at least one tick is pending, then swap the whole window out."""
+        """Wait until at least one tick is pending, then swap the oldest window out."""
         while True:
             window = self.take_nowait()
             if window is not None:
