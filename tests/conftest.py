@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -32,8 +35,23 @@ async def _admin(url: str, sql: str) -> None:
         await conn.close()
 
 
+def _scratch_dir(label: str) -> Path:
+    # Directly under the system's temporary directory, not pytest's: as root, the embedded
+    # PostgreSQL runs as its own user and must reach its data directory, while every pytest
+    # session (including one a test starts) resets pytest's base directory to mode 0700.
+    return Path(tempfile.mkdtemp(prefix=f"tickguard-{label[:40]}-"))
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory per test that the embedded server's own user can reach."""
+    path = _scratch_dir(request.node.name)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     """The URL of a migrated database that belongs to this test session."""
     server = os.environ.get("TEST_DATABASE_URL")
     if server:
@@ -48,9 +66,13 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     else:
         from tickguard.storage.embedded import embedded_postgres
 
-        with embedded_postgres(tmp_path_factory.mktemp("pgdata")) as url:
-            trio.run(_migrate, url)
-            yield url
+        scratch = _scratch_dir("session-db")
+        try:
+            with embedded_postgres(scratch / "pgdata") as url:
+                trio.run(_migrate, url)
+                yield url
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 async def _migrate(url: str) -> None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,13 +83,16 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def template() -> Iterator[Path]:
     """One initialised data directory, copied by the tests that do not test initdb."""
-    root = tmp_path_factory.mktemp("template") / "data"
+    # Not under pytest's base directory, which another pytest session may reset to 0700.
+    scratch = Path(tempfile.mkdtemp(prefix="tickguard-template-"))
+    root = scratch / "data"
     with embedded_postgres(root) as dsn:
         fetch(dsn, "CREATE TABLE seed (id int PRIMARY KEY, note text)")
         fetch(dsn, "INSERT INTO seed VALUES (1, 'from the template')")
-    return root
+    yield root
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture
