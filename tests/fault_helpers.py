@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 import httpx
+import pytest
 import trio
 from service_harness import EventStream, Service, service_settings
 from tickguard.actors.fanout import FanoutConfig
@@ -319,3 +320,10 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     sys.stdout.write(summary_table(load_runs()) + "\n")
+
+
+def seeds(*ci: int, soak: int = 8) -> tuple[object, ...]:
+    """The seeds a random scenario runs with: ``ci`` always, and ``soak`` more under the
+    ``soak`` marker (not selected by CI; run them with ``pytest -m soak``)."""
+    extra = range(max(ci) + 1, max(ci) + 1 + soak)
+    return (*ci, *(pytest.param(seed, marks=pytest.mark.soak) for seed in extra))

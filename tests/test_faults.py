@@ -30,6 +30,7 @@ from fault_helpers import (
     create_many,
     faulty_service,
     long_with_stop,
+    seeds,
     until,
 )
 from service_harness import event_stream, wait_until_live
@@ -42,7 +43,7 @@ from tickguard.supervisor import serve
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request
 
-SEEDS = (1, 2)
+SEEDS = seeds(1, 2)
 CRASH_POINTS = (
     "persistence.after_commit",
     "persistence.before_mark_published",

@@ -26,6 +26,7 @@ from fault_helpers import (
     create_many,
     faulty_service,
     long_with_stop,
+    seeds,
     until,
 )
 from service_harness import event_stream, wait_until_live
@@ -67,7 +68,7 @@ async def closed_count(db: Database, ids: list[str]) -> int:
     )
 
 
-@pytest.mark.parametrize("seed", (1, 2))
+@pytest.mark.parametrize("seed", seeds(1, 2))
 async def test_postgres_stopped_mid_cascade_then_started_loses_and_doubles_nothing(
     tmp_path: Path, figures: Figures, seed: int
 ) -> None:

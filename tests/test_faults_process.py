@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 import trio
-from fault_helpers import GUARD_S, Figures, Run, audit, long_with_stop, until
+from fault_helpers import GUARD_S, Figures, Run, audit, long_with_stop, seeds, until
 from tickguard.sim import Simulator, open_simulator
 from tickguard.storage import Database, open_database
 
@@ -145,7 +145,7 @@ async def _count_closed(db: Database, ids: list[str]) -> int:
 
 
 # --------------------------------------------------------------------- kill -9
-@pytest.mark.parametrize("seed", (1, 2))
+@pytest.mark.parametrize("seed", seeds(1, 2))
 async def test_kill_9_mid_cascade_then_restart_closes_each_crossed_stop_exactly_once(
     own_database: str, tmp_path: Path, figures: Figures, seed: int
 ) -> None:
