@@ -90,7 +90,11 @@ async def one_cascade(url: str, k: int, round_: int) -> dict[str, Any]:
 async def _close_leftovers(url: str) -> None:
     """Close what a failed cascade left open, so the next K starts from its own positions."""
     async with open_database(url, timeout=600) as db:
-        await db.execute("UPDATE positions SET status = 'closed' WHERE status = 'open'")
+        await db.execute(
+            """UPDATE positions SET status = 'closed', close_price = stop_loss,
+                      close_reason = 'stop_loss', closed_at = now(), triggered_at = now()
+                WHERE status = 'open'"""
+        )
 
 
 async def measure(url: str, sizes: list[int]) -> list[dict[str, Any]]:
