@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_weak_durability=args.allow_weak_durability,
     )
     load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1) * 0.5:
+    if load > (os.cpu_count() or 1) * 0.5:  # before we start, any load is someone else's
         print(
             f"note: 1-min load average is {load:.2f} on {os.cpu_count()} CPUs: figures will be "
             "noisy",
