@@ -156,7 +156,11 @@ def _plot(ctx: Context, rows: list[dict[str, Any]]) -> None:
     ax.plot(ks, [r["first_ms"] for r in done], "^-", label="tickguard: first delivered")
     for r in rows:
         if not r["completed"]:
-            ax.annotate(f"K={r['k']:,}: not completed", (r["k"], 1000 * r["gave_up_after_s"]))
+            ax.annotate(
+                f"K={r['k']:,}: not completed ",
+                (r["k"], 1000 * r["gave_up_after_s"]),
+                ha="right",
+            )
             ax.plot([r["k"]], [1000 * r["gave_up_after_s"]], "rv")
     ax.plot([1_000, 10_000], [700, 6_850], "s--", color="grey", label="old backend")
     ax.plot(
