@@ -175,12 +175,14 @@ async def run(
                 _deliver(by_user, message, config)
             elif isinstance(message, Join):
                 if message.session.closed is None:
-                    by_user.setdefault(message.session.user_id, set()).add(message.session)
+                    group = by_user.setdefault(message.session.user_id, set())
+                    if message.session not in group:
+                        group.add(message.session)
+                        stats.sessions += 1
             elif isinstance(message, Leave):
-                _remove(by_user, message.session)
+                _remove(by_user, message.session, stats)
             else:
                 log.warning("fanout ignored an unexpected message: %r", message)
-            stats.sessions = sum(len(group) for group in by_user.values())
     except trio.Cancelled:
         close_code, close_reason = GOING_AWAY, "server shutting down"
         raise
@@ -202,10 +204,10 @@ def _deliver(by_user: dict[str, set[Session]], event: Event, config: FanoutConfi
     for session in list(group):
         if session.closed is not None:
             # Ended without a Leave reaching us (yet): nothing to deliver to.
-            _remove(by_user, session)
+            _remove(by_user, session, stats)
         elif session.queued_bytes + size > config.queue_bytes:
             session.close(TRY_AGAIN_LATER, "slow consumer")
-            _remove(by_user, session)
+            _remove(by_user, session, stats)
             stats.dropped_slow += 1
             log.info("closed a slow WebSocket session of user %r (queue full)", event.user_id)
         else:
@@ -213,10 +215,11 @@ def _deliver(by_user: dict[str, set[Session]], event: Event, config: FanoutConfi
             stats.delivered += 1
 
 
-def _remove(by_user: dict[str, set[Session]], session: Session) -> None:
+def _remove(by_user: dict[str, set[Session]], session: Session, stats: FanoutStats) -> None:
     group = by_user.get(session.user_id)
-    if group is None:
+    if group is None or session not in group:
         return
     group.discard(session)
+    stats.sessions -= 1
     if not group:
         del by_user[session.user_id]

@@ -52,6 +52,10 @@ class EngineInboxes(Protocol):
 class PersistenceConfig:
     max_open_per_user: int = 1000
     max_batch: int = 2000  # requests grouped into one round
+    # Closes per transaction: a 100k-position stop cascade commits in pieces that each finish
+    # well inside the database call's timeout, and fanout delivers one piece while the next
+    # one commits.
+    close_chunk: int = 2500
     outbox_retry_s: float = 1.0
 
 
@@ -167,32 +171,38 @@ class _Persistence:
 
     async def close(self, requests: Sequence[CloseRequest]) -> None:
         orders = [order for r in requests for order in r.orders]
-        try:
-            results, events = await store.close_positions(
-                self.db, orders, source=requests[0].source
-            )
-        except DatabaseUnavailable as exc:
-            self.database_failed(exc)
-            for request in requests:
-                failed = tuple(
-                    CloseResult(o.position_id, CloseOutcome.FAILED) for o in request.orders
+        results: list[CloseResult] = []
+        chunk = self.config.close_chunk
+        for start in range(0, len(orders), chunk):
+            piece = orders[start : start + chunk]
+            try:
+                closed, events = await store.close_positions(
+                    self.db, piece, source=requests[0].source
                 )
-                self.inbox.answer(request, failed)
-            return
-        self.committed(len(requests))
-        await fault_points.hit(self.faults, "persistence.after_commit")
-        self.publish(events)
-        for result in results:
-            if result.outcome is CloseOutcome.CLOSED and result.position is not None:
-                self.untrack(result.position)
-                reason = result.position.close_reason or "unknown"
-                self.stats.closes_by_reason[reason] = self.stats.closes_by_reason.get(reason, 0) + 1
+            except DatabaseUnavailable as exc:
+                self.database_failed(exc)
+                # This piece and the ones after it did not commit (or their acknowledgement was
+                # lost: then the retry answers already_closed and the outbox has the events).
+                results += [CloseResult(o.position_id, CloseOutcome.FAILED) for o in orders[start:]]
+                break
+            self.stats.transactions += 1
+            await fault_points.hit(self.faults, "persistence.after_commit")
+            self.publish(events)
+            for result in closed:
+                if result.outcome is CloseOutcome.CLOSED and result.position is not None:
+                    self.untrack(result.position)
+                    reason = result.position.close_reason or "unknown"
+                    self.stats.closes_by_reason[reason] = (
+                        self.stats.closes_by_reason.get(reason, 0) + 1
+                    )
+            results += closed
+            await self.mark(events)
+        self.stats.requests += len(requests)
         start = 0
         for request in requests:
             end = start + len(request.orders)
             self.inbox.answer(request, tuple(results[start:end]))
             start = end
-        await self.mark(events)
 
     def untrack(self, position: Position) -> None:
         self.engines.send(position.symbol, Untrack(position.id))

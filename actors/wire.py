@@ -27,8 +27,9 @@ def plain_decimal(value: Decimal) -> Decimal:
 
 def iso_millis(moment: datetime) -> str:
     """ISO 8601 UTC with milliseconds and a ``Z``: ``2026-11-24T10:15:30.123Z``."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # isoformat is several times faster than strftime, and this runs for every position served.
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 def _price(value: Decimal | None) -> Decimal | None:

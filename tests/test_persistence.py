@@ -142,3 +142,31 @@ async def test_crash_after_commit_publishes_each_event_once_after_restart(db: Da
     assert [(e.type, e.seq) for e in events] == [("position.created", 1)]
     assert [type(m).__name__ for _, m, _ in engines.sent] == ["Track"]
     assert await db.fetchval("SELECT count(*) FROM events WHERE published_at IS NULL") == 0
+
+
+async def test_a_large_close_batch_commits_in_chunks_and_answers_every_id(db: Database) -> None:
+    inbox: Mailbox[Any] = Mailbox("persistence")
+    fanout: Mailbox[Any] = Mailbox("fanout")
+    stats = persistence.PersistenceStats()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: persistence.run(
+                inbox,
+                db,
+                fanout,
+                RecordingEngines(fanout),
+                config=persistence.PersistenceConfig(close_chunk=3),
+                stats=stats,
+                task_status=task_status,
+            )
+        )
+        ids = [(await create(inbox, new())).position.id for _ in range(8)]
+        before = stats.transactions
+        orders = tuple(CloseOrder(i, Decimal("90"), "stop_loss") for i in [*ids, ids[0]])
+        results = await ask(inbox, lambda r: CloseRequest(orders, "engine", r), timeout=10)
+        nursery.cancel_scope.cancel()
+    assert [r.position_id for r in results] == [*ids, ids[0]]
+    assert [r.outcome for r in results] == [CloseOutcome.CLOSED] * 8 + [CloseOutcome.ALREADY_CLOSED]
+    assert stats.transactions - before == 3  # 9 orders, 3 per transaction
+    closed = [e for e in drain(fanout) if e.type == "position.closed"]
+    assert sorted(e.position_id for e in closed) == sorted(ids)
