@@ -7,6 +7,7 @@ decimal (``65000.5``, never ``65000.499999999``), and JSON read back parses numb
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,6 +19,9 @@ from tickguard.actors.messages import EventSource, EventType, Position
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
 
+# Both run several times for every position written; within one close batch most values repeat
+# (one commit time, one trigger time, a few levels), so a small cache saves most of the work.
+@functools.lru_cache(maxsize=4096)
 def plain_decimal(value: Decimal) -> Decimal:
     """The same number without trailing zeros or an exponent (NUMERIC(18,8) pads to 8 places)."""
     if value == value.to_integral_value():
@@ -25,6 +29,7 @@ def plain_decimal(value: Decimal) -> Decimal:
     return Decimal(format(value.normalize(), "f"))
 
 
+@functools.lru_cache(maxsize=4096)
 def iso_millis(moment: datetime) -> str:
     """ISO 8601 UTC with milliseconds and a ``Z``: ``2026-11-24T10:15:30.123Z``."""
     # isoformat is several times faster than strftime, and this runs for every position served.
