@@ -15,7 +15,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,12 @@ import attrs
 import httpx
 import pytest
 import trio
-from service_harness import EventStream, Service, service_settings
+from service_harness import EventStream, Service, running_service
 from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.faults import FaultPoints, InjectedFault
 from tickguard.actors.supervision import RestartPolicy
 from tickguard.sim import Simulator
 from tickguard.storage import Database
-from tickguard.supervisor import build_tree
 
 FIGURES_FILE = Path(__file__).resolve().parent.parent / "build" / "fault-figures.json"
 
@@ -52,22 +50,11 @@ async def faulty_service(
     fanout_config: FanoutConfig | None = None,
     **settings_changes: Any,
 ) -> AsyncIterator[Service]:
-    """Like ``service_harness.running_service``, with a fanout config and quick restarts."""
-    tree = build_tree(
-        service_settings(sim, **settings_changes),
-        db,
-        faults=faults,
-        policy=policy,
-        fanout_config=fanout_config,
-    )
-    stopping = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(partial(tree.supervisor.run, stopping=stopping))
-        async with httpx.AsyncClient(base_url=tree.urls[0], timeout=30) as http:
-            try:
-                yield Service(tree, tree.urls[0], http)
-            finally:
-                stopping.set()
+    """``service_harness.running_service`` with quick restarts by default."""
+    async with running_service(
+        db, sim, faults=faults, policy=policy, fanout_config=fanout_config, **settings_changes
+    ) as service:
+        yield service
 
 
 def arm_timed_raise(faults: FaultPoints, name: str, fired_at: list[float], times: int = 1) -> None:

@@ -13,6 +13,7 @@ import attrs
 import httpx
 import trio
 import trio_websocket
+from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.supervision import RestartPolicy
 from tickguard.actors.wire import loads
@@ -70,10 +71,17 @@ async def running_service(
     *,
     faults: FaultPoints | None = None,
     policy: RestartPolicy = RestartPolicy(),
+    fanout_config: FanoutConfig | None = None,
     **settings_changes: Any,
 ) -> AsyncIterator[Service]:
     """Start the tree on ``db`` against ``sim``; stop it in order on exit."""
-    tree = build_tree(service_settings(sim, **settings_changes), db, faults=faults, policy=policy)
+    tree = build_tree(
+        service_settings(sim, **settings_changes),
+        db,
+        faults=faults,
+        policy=policy,
+        fanout_config=fanout_config,
+    )
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(tree.supervisor.run, stopping=stopping))
