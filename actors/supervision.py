@@ -82,7 +82,7 @@ class RestartPolicy:
 
     def backoff(self, consecutive: int) -> float:
         """The wait before the ``consecutive``-th restart in a row (1-based)."""
-        return min(self.backoff_base_s * 2 ** (consecutive - 1), self.backoff_max_s)
+        return float(min(self.backoff_base_s * 2 ** (consecutive - 1), self.backoff_max_s))
 
 
 @attrs.frozen

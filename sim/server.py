@@ -273,7 +273,9 @@ class Simulator:
     def control_url(self) -> str:
         return f"http://{self.host}:{self.port}/control"
 
-    async def serve(self, *, task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED):
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen, tick and heartbeat until cancelled; ``started`` with self once bound."""
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
@@ -708,7 +710,7 @@ class Simulator:
             if isinstance(channel, str):
                 name, products = channel, top
             elif isinstance(channel, dict):
-                name, products = channel.get("name"), channel.get("product_ids") or top
+                name, products = str(channel.get("name")), channel.get("product_ids") or top
             else:
                 raise ValueError(f"{channel!r} is not a valid channel")
             if name not in CHANNELS:

@@ -60,7 +60,8 @@ class Database:
         deadline = self.timeout if timeout is None else timeout
         try:
             with trio.fail_after(deadline):
-                return await trio_asyncio.aio_as_trio(self._on_connection)(fn, *args)
+                result: T = await trio_asyncio.aio_as_trio(self._on_connection)(fn, *args)
+                return result
         except trio.TooSlowError as exc:
             raise DatabaseUnavailable(f"no answer within {deadline:g} s") from exc
         except _UNAVAILABLE as exc:
@@ -105,7 +106,7 @@ async def _in_transaction(conn: asyncpg.Connection, fn: ConnFn[T], *args: Any) -
 
 
 async def _fetch(conn: asyncpg.Connection, query: str, *args: Any) -> list[Any]:
-    return await conn.fetch(query, *args)
+    return list(await conn.fetch(query, *args))
 
 
 async def _fetchrow(conn: asyncpg.Connection, query: str, *args: Any) -> Any:
@@ -117,7 +118,7 @@ async def _fetchval(conn: asyncpg.Connection, query: str, *args: Any) -> Any:
 
 
 async def _execute(conn: asyncpg.Connection, query: str, *args: Any) -> str:
-    return await conn.execute(query, *args)
+    return str(await conn.execute(query, *args))
 
 
 @asynccontextmanager

@@ -108,6 +108,7 @@ def install(app: QuartTrio) -> None:
         else:
             message = _HTTP_MESSAGES.get(status) or f"{error.name}."
         response = error_response(ApiError(status, message))
-        if status == 405 and getattr(error, "valid_methods", None):
-            response.headers["Allow"] = ", ".join(error.valid_methods)
+        allowed = getattr(error, "valid_methods", None)  # set on werkzeug's MethodNotAllowed
+        if status == 405 and allowed:
+            response.headers["Allow"] = ", ".join(allowed)
         return response

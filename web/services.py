@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import attrs
-from quart import Quart
+from flask.sansio.app import App
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
@@ -56,7 +56,7 @@ class AppServices:
     request_timeout: float = 10.0
 
 
-def services_of(app: Quart) -> AppServices:
+def services_of(app: App) -> AppServices:
     """The ``AppServices`` that ``create_app`` stored in ``app``."""
     services: AppServices = app.extensions[EXTENSION]
     return services

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 import trio
-from quart import Blueprint, current_app, websocket
+from quart import Blueprint, Response, current_app, websocket
 from quart_trio import QuartTrio
 from tickguard.actors.fanout import (
     GOING_AWAY,
@@ -74,7 +74,7 @@ def live_sessions(app: QuartTrio) -> LiveSessions:
 
 
 @ws.get("/ws")
-async def not_upgraded() -> None:
+async def not_upgraded() -> Response:
     """A plain HTTP request on the WebSocket path: say what it is instead of a vague 400."""
     raise ApiError(
         426,
