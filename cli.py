@@ -6,7 +6,7 @@ import argparse
 import logging
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -61,12 +61,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         from tickguard.supervisor import serve
 
-        return trio.run(serve, settings)
+        return _run(serve, settings)
     if command == "migrate":
-        return trio.run(_migrate, settings)
+        return _run(_migrate, settings)
     if command == "db":
         return _db(settings, args.db_command, args.file)
     raise AssertionError(command)
+
+
+def _run(main: Callable[[Settings], Awaitable[int]], settings: Settings) -> int:
+    """``trio.run(main, settings)``; a failure a user can act on (the database cannot be
+    reached or its directory is in use, a port is taken) is one line, not a traceback."""
+    from tickguard.actors.supervision import ChildStartFailed, innermost
+    from tickguard.storage import DatabaseUnavailable
+    from tickguard.storage.embedded import EmbeddedDatabaseError
+
+    problems: list[str] = []
+    try:
+        return int(trio.run(main, settings))
+    except* (DatabaseUnavailable, EmbeddedDatabaseError) as group:
+        problems.append(f"database: {innermost(group)}")
+    except* ChildStartFailed as group:
+        failed = innermost(group)
+        cause = innermost(failed.__cause__) if failed.__cause__ is not None else None
+        problems.append(f"{failed}: {cause}" if cause is not None else str(failed))
+    for problem in problems:
+        print(f"tickguard: {problem}", file=sys.stderr)
+    return 1
 
 
 async def _migrate(settings: Settings) -> int:

@@ -37,6 +37,7 @@ from tickguard.actors.supervision import (
     RestartPolicy,
     Supervisor,
     SupervisorGaveUp,
+    innermost,
     run_until_signalled,
 )
 from tickguard.actors.window import WindowSlots
@@ -291,7 +292,7 @@ async def _migrated(dsn: str) -> AsyncIterator[Database]:
                     await migrate(db)
                     break
             except* DatabaseUnavailable as group:
-                log.warning("database not ready (%s); retrying", group.exceptions[0])
+                log.warning("database not ready (%s); retrying", innermost(group))
                 await trio.sleep(1.0)
     async with open_database(dsn) as db:
         yield db
@@ -325,7 +326,7 @@ async def serve(
         except* SupervisorGaveUp as group:
             gave_up += group.exceptions
     if gave_up:
-        log.error("shutting down: %s", gave_up[0])
+        log.error("shutting down: %s", innermost(gave_up[0]))
         return 1
     overran = outcome.get("overran", ())
     if overran:

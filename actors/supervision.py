@@ -129,7 +129,7 @@ class _Child:
     done: trio.Event = attrs.Factory(trio.Event)
 
 
-def _leaf(error: BaseException) -> BaseException:
+def innermost(error: BaseException) -> BaseException:
     """The single exception inside nested one-member groups (nurseries wrap everything)."""
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
@@ -188,9 +188,10 @@ class Supervisor:
                 await self._closed.wait()
                 nursery.cancel_scope.cancel()  # only the stopping watcher can be left
         except* SupervisorGaveUp as gave_up:
-            raise _leaf(gave_up) from None  # the group only wraps it
+            raise innermost(gave_up) from None  # the group only wraps it
         except* ChildStartFailed as failed:
-            raise _leaf(failed) from None
+            start_failed = innermost(failed)
+            raise start_failed from start_failed.__cause__  # the child's own error
         finally:
             self._nursery = None
 
@@ -288,7 +289,7 @@ class Supervisor:
                                 ready = True
                                 task_status.started()
                     except* Exception as group:
-                        error = _leaf(group)
+                        error = innermost(group)
                     finally:
                         for mailbox in spec.mailboxes:
                             mailbox.fail_in_flight()

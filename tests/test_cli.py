@@ -162,3 +162,24 @@ def test_db_dump_and_restore_round_trip_the_positions(tmp_path: Path) -> None:
     finally:
         assert restored.stop() == 0
     assert after == before and len(after["data"]) == 3
+
+
+def test_a_taken_port_or_data_directory_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    served = Served(data, tmp_path)
+    try:
+        # The same data directory, while the first process owns it.
+        done = tickguard("serve", env=environment(data, PORT=str(free_port())), cwd=tmp_path)
+        assert done.returncode == 1
+        assert "in use by another tickguard process" in done.stderr
+        assert "Traceback" not in done.stderr.splitlines()[-1]
+        # Another data directory, but the first process's port.
+        done = tickguard(
+            "serve", env=environment(tmp_path / "other", PORT=str(served.port)), cwd=tmp_path
+        )
+        assert done.returncode == 1
+        assert done.stderr.splitlines()[-1] == (
+            "tickguard: child 'web' failed to start: [Errno 98] Address already in use"
+        )
+    finally:
+        assert served.stop() == 0
