@@ -111,7 +111,13 @@ class TriggerIndex:
     def add_many(self, positions: Iterable[Position]) -> None:
         """``add`` for a whole load (an engine's start): sorts each index once instead of
         inserting one by one. Same rules; the last version of a repeated id wins."""
-        latest = {position.id: _watch(position) for position in positions}
+        load = Load()
+        load.add(positions)
+        self.add_load(load)
+
+    def add_load(self, load: Load) -> None:
+        """``add_many`` for what a ``Load`` gathered (page by page), sorted once."""
+        latest = load.taken()
         for position_id in latest:
             self.remove(position_id)
         long_sl: list[_Entry] = []
@@ -183,6 +189,25 @@ class TriggerIndex:
         if side == "long":
             return self._long_sl, self._long_tp
         return self._short_sl, self._short_tp
+
+
+class Load:
+    """Positions gathered for one bulk add, keeping only what the rule reads, so that a
+    start-up can read its rows page by page and drop each page before the next."""
+
+    def __init__(self) -> None:
+        self._latest: dict[uuid.UUID, _Watched] = {}
+
+    def add(self, positions: Iterable[Position]) -> None:
+        """Gather open positions (the last version of a repeated id wins); raises
+        ValueError for one that is not open."""
+        for position in positions:
+            self._latest[position.id] = _watch(position)
+
+    def taken(self) -> dict[uuid.UUID, _Watched]:
+        """Everything gathered, emptying the load."""
+        latest, self._latest = self._latest, {}
+        return latest
 
 
 def _watch(position: Position) -> _Watched:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,23 +46,13 @@ class OpenPositionLimit(Exception):
 
 
 def to_position(row: Any) -> Position:
-    """A ``Position`` from a row that has the columns of ``COLUMNS``."""
-    return Position(
-        id=row["id"],
-        user_id=row["user_id"],
-        symbol=row["symbol"],
-        side=row["side"],
-        entry_price=row["entry_price"],
-        take_profit=row["take_profit"],
-        stop_loss=row["stop_loss"],
-        status=row["status"],
-        close_price=row["close_price"],
-        close_reason=row["close_reason"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        closed_at=row["closed_at"],
-        triggered_at=row["triggered_at"],
-    )
+    """A ``Position`` from a row that has the columns of ``COLUMNS``, in that order (the
+    order of ``Position``'s fields: positional is several times faster than by name, and an
+    engine start converts 100,000 rows)."""
+    return Position(*row[:_FIELDS])
+
+
+_FIELDS = len(COLUMNS.split(","))
 
 
 # --- the outbox --------------------------------------------------------------------------------
@@ -388,14 +378,39 @@ async def get_position(db: Database, user_id: str, position_id: uuid.UUID) -> Po
     return None if row is None else to_position(row)
 
 
-async def open_positions(db: Database, symbol: str) -> list[Position]:
-    """Every open position on ``symbol`` (an engine's state on start)."""
-    rows = await db.fetch(
-        f"SELECT {COLUMNS} FROM positions WHERE symbol = $1 AND status = 'open'",
-        symbol,
-        timeout=max(db.timeout, 60.0),
-    )
-    return [to_position(r) for r in rows]
+OPEN_PAGE = 20_000
+
+
+async def open_positions(
+    db: Database, symbol: str, page: int = OPEN_PAGE
+) -> AsyncIterator[list[Position]]:
+    """Every open position on ``symbol`` (an engine's state on start), a page at a time.
+
+    Pages follow ``id`` order (keyset pagination on an index), so the caller can index one page
+    and drop its rows before the next: memory at start-up stays near the index's own size.
+    Not one snapshot: a position created or closed meanwhile reaches the engine as Track or
+    Untrack, which it handles after loading.
+    """
+    after = uuid.UUID(int=0)
+    while True:
+        rows = await db.fetch(
+            f"""SELECT {COLUMNS} FROM positions
+                WHERE symbol = $1 AND status = 'open' AND id > $2 ORDER BY id LIMIT $3""",
+            symbol,
+            after,
+            page,
+            timeout=max(db.timeout, 30.0),
+        )
+        if not rows:
+            return
+        positions = [to_position(r) for r in rows]
+        del rows
+        after = positions[-1].id
+        full = len(positions) == page
+        yield positions
+        del positions  # before the next page is fetched: one page's rows at a time
+        if not full:
+            return
 
 
 async def open_symbols(db: Database) -> list[str]:

@@ -85,9 +85,12 @@ class Persistence:
         self.silent = 0  # how many requests to take and never answer
         self._seen_send, self.seen = trio.open_memory_channel[tuple[float, CloseRequest]](math.inf)
 
-    async def load_open(self, symbol: str) -> list[Position]:
+    async def load_open(self, symbol: str) -> AsyncIterator[list[Position]]:
         self.load_calls.append(symbol)
-        return [p for p in self.rows.values() if p.symbol == symbol and p.status == "open"]
+        # Two pages, as storage.positions.open_positions would send them.
+        rows = [p for p in self.rows.values() if p.symbol == symbol and p.status == "open"]
+        yield rows[: len(rows) // 2]
+        yield rows[len(rows) // 2 :]
 
     async def serve(self) -> None:
         while True:
@@ -400,9 +403,9 @@ async def test_stopping_hands_over_unanswered_closes(autojump_clock) -> None:
 
 
 async def test_load_open_that_hangs_fails_the_start(autojump_clock) -> None:
-    async def hanging(symbol: str) -> list[Position]:
+    async def hanging(symbol: str) -> AsyncIterator[list[Position]]:
+        yield []
         await trio.sleep_forever()
-        raise AssertionError("unreachable")
 
     with pytest.raises(trio.TooSlowError):
         await engine.run(

@@ -305,3 +305,17 @@ async def test_a_transaction_cancelled_mid_query_commits_nothing_and_closes_clea
                 await trio.testing.wait_all_tasks_blocked(0.05)
                 nursery.cancel_scope.cancel()
     assert await db.fetchval("SELECT count(*) FROM user_seq WHERE user_id = 'cancelled'") == 0
+
+
+async def test_open_positions_come_in_id_ordered_pages(db: Database) -> None:
+    created, _ = await store.create_positions(
+        db, [new() for _ in range(7)] + [new(symbol="ETH-USD")], max_open_per_user=100
+    )
+    closed = created[0].position.id
+    await store.close_positions(db, [CloseOrder(closed, Decimal("1"), "manual")], source="api")
+    pages = [page async for page in store.open_positions(db, "BTC-USD", page=3)]
+    assert [len(page) for page in pages] == [3, 3]
+    ids = [p.id for page in pages for p in page]
+    expected = sorted(r.position.id for r in created[1:7])
+    assert ids == expected  # every open BTC-USD position once, in id order; nothing else
+    assert [p async for p in store.open_positions(db, "DOGE-USD")] == []
