@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -52,8 +53,8 @@ async def with_engine(count: int, n_open: int) -> dict[str, float]:
         stats = engine_actor.EngineStats()
         closes: Mailbox[object] = Mailbox("persistence")
 
-        async def load(symbol: str) -> list[Position]:
-            return positions
+        async def load(symbol: str) -> AsyncIterator[list[Position]]:
+            yield positions
 
         async with trio.open_nursery() as nursery:
             await nursery.start(
