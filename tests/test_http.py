@@ -15,11 +15,17 @@ from tickguard.actors.feed import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
 from tickguard.actors.wire import loads, position_to_json
-from tickguard.storage import Database, open_pool
+from tickguard.storage import Database
 from tickguard.web import routes
 from tickguard.web.app import AppServices, create_app
 from tickguard.web.openapi import ROUTES, document
-from web_harness import TEST_ORIGIN, make_settings, running_app, running_stack
+from web_harness import (
+    TEST_ORIGIN,
+    make_settings,
+    running_app,
+    running_stack,
+    services_without_database,
+)
 
 USER = "alice"
 
@@ -73,15 +79,7 @@ async def test_ready_reports_database_and_feed(db: Database) -> None:
 async def test_ready_is_503_when_the_database_does_not_answer(
     db: Database, database_url: str
 ) -> None:
-    async with open_pool(database_url) as doomed:
-        pass  # closed on exit: every call on it now fails like a lost server
-    services = AppServices(
-        settings=make_settings(),
-        db=doomed,
-        persistence=Mailbox("persistence"),
-        fanout=Mailbox("fanout"),
-        feed_status=FeedStatus(),
-    )
+    services = await services_without_database(database_url)
     async with running_app(services) as url, httpx.AsyncClient(base_url=url) as client:
         ready = await client.get("/ready")
         listing = await client.get("/api/positions", params={"userId": USER})

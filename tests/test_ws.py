@@ -9,12 +9,16 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Event
-from tickguard.storage import Database, open_pool
-from tickguard.web.app import AppServices
+from tickguard.storage import Database
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
-from web_harness import Stack, make_settings, running_app, running_stack, ws_url
+from web_harness import (
+    Stack,
+    running_app,
+    running_stack,
+    services_without_database,
+    ws_url,
+)
 
 GUARD = 10  # seconds: a hang guard, never a speed assertion
 
@@ -184,14 +188,7 @@ async def test_shutdown_closes_sessions_with_1001(db: Database) -> None:
 async def test_without_the_database_the_session_closes_1011(
     db: Database, database_url: str
 ) -> None:
-    async with open_pool(database_url) as doomed:
-        pass  # closed on exit: every call on it now fails like a lost server
-    services = AppServices(
-        settings=make_settings(),
-        db=doomed,
-        persistence=Mailbox("persistence"),
-        fanout=Mailbox("fanout"),
-    )
+    services = await services_without_database(database_url)
     async with running_app(services) as url:
         async with open_websocket_url(ws_url(url, "alice")) as ws:
             code, reason = await _closed_with(ws)

@@ -20,7 +20,7 @@ from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Track, Untrack
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database
+from tickguard.storage import Database, open_pool
 from tickguard.web.app import AppServices, create_app, serve
 
 TEST_ORIGIN = "http://localhost:5173"
@@ -146,3 +146,17 @@ async def running_stack(
                 yield Stack(base_url, services, fanout_config, engines)
             stopping.set()
         actors.cancel_scope.cancel()
+
+
+async def services_without_database(database_url: str) -> AppServices:
+    """App services whose pool is already closed: every database call fails as if the
+    server were lost (no persistence actor runs behind them)."""
+    async with open_pool(database_url) as doomed:
+        pass  # closed on exit
+    return AppServices(
+        settings=make_settings(),
+        db=doomed,
+        persistence=Mailbox("persistence"),
+        fanout=Mailbox("fanout"),
+        feed_status=FeedStatus(),
+    )
