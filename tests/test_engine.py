@@ -20,6 +20,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from positions_factory import open_position
 from tickguard.actors import engine
 from tickguard.actors.engine import EngineConfig, EngineStats
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox
@@ -56,21 +57,7 @@ def position(
     created: int = 0,
     symbol: str = SYMBOL,
 ) -> Position:
-    return Position(
-        id=uuid.uuid4(),
-        user_id="u1",
-        symbol=symbol,
-        side=side,  # type: ignore[arg-type]
-        entry_price=Decimal("100"),
-        take_profit=None if tp is None else Decimal(tp),
-        stop_loss=None if sl is None else Decimal(sl),
-        status="open",
-        close_price=None,
-        close_reason=None,
-        created_at=at(created),
-        updated_at=at(created),
-        closed_at=None,
-    )
+    return open_position(side, sl=sl, tp=tp, created_at=at(created), symbol=symbol)
 
 
 class Persistence:

@@ -10,6 +10,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from positions_factory import open_position
 from tickguard.actors.messages import Position
 from tickguard.actors.triggers import Trigger, TriggerIndex, judge_linear
 from tickguard.actors.window import TickWindow, WindowSlot
@@ -30,21 +31,7 @@ def position(
     user: str = "u1",
     entry: str = "100",
 ) -> Position:
-    return Position(
-        id=uuid.uuid4(),
-        user_id=user,
-        symbol="BTC-USD",
-        side=side,  # type: ignore[arg-type]
-        entry_price=Decimal(entry),
-        take_profit=None if tp is None else Decimal(tp),
-        stop_loss=None if sl is None else Decimal(sl),
-        status="open",
-        close_price=None,
-        close_reason=None,
-        created_at=at(created),
-        updated_at=at(created),
-        closed_at=None,
-    )
+    return open_position(side, tp=tp, sl=sl, created_at=at(created), user=user, entry=entry)
 
 
 def window(low: str | Decimal, high: str | Decimal, *, time: int = 10) -> TickWindow:
