@@ -13,12 +13,16 @@ still marked unpublished, so no committed event is lost; fanout drops an event i
 delivered (by per-user ``seq``), so none is delivered twice.
 
 It never waits on a WebSocket, an engine or the feed: fanout and engine mailboxes are unbounded.
+
+One bad request never takes it down (invariant 13): a group that fails for any reason other
+than the database being away is retried one request at a time, and the request that still
+fails alone is answered ``WriteRejected``; everyone else's writes go on.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -27,11 +31,13 @@ from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import (
+    CloseOrder,
     CloseOutcome,
     CloseRequest,
     CloseResult,
     CreateRequest,
     Event,
+    EventSource,
     Position,
     Track,
     Untrack,
@@ -40,6 +46,11 @@ from tickguard.storage import Database, DatabaseUnavailable
 from tickguard.storage import positions as store
 
 log = logging.getLogger("tickguard.actors.persistence")
+
+
+class WriteRejected(Exception):
+    """This request failed on its own (not because the database is away); nothing of it was
+    written. The web answers it 500; it never reaches other requests of the same group."""
 
 
 class EngineInboxes(Protocol):
@@ -65,6 +76,7 @@ class PersistenceStats:
     requests: int = 0
     closes_by_reason: dict[str, int] = attrs.field(factory=dict)
     db_errors: int = 0
+    rejected: int = 0  # requests answered WriteRejected
 
 
 async def run(
@@ -159,6 +171,9 @@ class _Persistence:
             for request in requests:
                 self.inbox.answer(request, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - isolated below, never swallowed
+            await self.isolate(requests, self.create, exc)
+            return
         self.committed(len(requests))
         await fault_points.hit(self.faults, "persistence.after_commit")
         self.publish(events)
@@ -169,6 +184,22 @@ class _Persistence:
             self.inbox.answer(request, result)
         await self.mark(events)
 
+    async def isolate(
+        self,
+        requests: Sequence[Any],
+        handle: Callable[[Sequence[Any]], Awaitable[None]],
+        exc: Exception,
+    ) -> None:
+        """A group failed with ``exc`` (nothing of it committed): redo it one request at a time,
+        so that only the request that fails alone is answered with an error."""
+        if len(requests) > 1:
+            for request in requests:
+                await handle([request])
+            return
+        self.stats.rejected += 1
+        log.error("request rejected: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        self.inbox.answer(requests[0], WriteRejected(f"{type(exc).__name__}: {exc}"))
+
     async def close(self, requests: Sequence[CloseRequest]) -> None:
         orders = [order for r in requests for order in r.orders]
         results: list[CloseResult] = []
@@ -176,9 +207,7 @@ class _Persistence:
         for start in range(0, len(orders), chunk):
             piece = orders[start : start + chunk]
             try:
-                closed, events = await store.close_positions(
-                    self.db, piece, source=requests[0].source
-                )
+                closed, events = await self.close_piece(piece, requests[0].source)
             except DatabaseUnavailable as exc:
                 self.database_failed(exc)
                 # This piece and the ones after it did not commit (or their acknowledgement was
@@ -203,6 +232,29 @@ class _Persistence:
             end = start + len(request.orders)
             self.inbox.answer(request, tuple(results[start:end]))
             start = end
+
+    async def close_piece(
+        self, piece: Sequence[CloseOrder], source: EventSource
+    ) -> tuple[list[CloseResult], list[Event]]:
+        """Close ``piece`` in one transaction; if it fails for a reason other than the database
+        being away, close its orders one by one so that only an order that fails alone is
+        answered FAILED (and logged)."""
+        try:
+            return await store.close_positions(self.db, piece, source=source)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolated below, never swallowed
+            if len(piece) == 1:
+                self.stats.rejected += 1
+                log.error("close rejected: %s: %s", type(exc).__name__, exc, exc_info=exc)
+                return [CloseResult(piece[0].position_id, CloseOutcome.FAILED)], []
+        results: list[CloseResult] = []
+        events: list[Event] = []
+        for order in piece:
+            closed, written = await self.close_piece([order], source)
+            results += closed
+            events += written
+        return results, events
 
     def untrack(self, position: Position) -> None:
         self.engines.send(position.symbol, Untrack(position.id))

@@ -45,7 +45,7 @@ import enum
 import functools
 import logging
 import signal
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -158,6 +158,9 @@ class Supervisor:
         self._start_order: list[str] = []
         self._closing = False
         self._closed = trio.Event()
+        # Restarts per child id since this supervisor was made (for /metrics and the tests
+        # that check that hostile input never restarts anything).
+        self.restarts: Counter[str] = Counter()
 
     def _check_stop_order(self, child_id: str) -> None:
         if self._stop_order is not None and child_id not in self._stop_order:
@@ -310,6 +313,7 @@ class Supervisor:
                         consecutive = 0
                     consecutive += 1
                     restarts.append(now)
+                    self.restarts[spec.id] += 1
                     while now - restarts[0] > policy.window_s:
                         restarts.popleft()
                     if len(restarts) > policy.max_restarts:

@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 from tickguard.config import Settings
-from tickguard.web import cors, errors, request_ids
+from tickguard.web import cors, errors, isolation, request_ids
 from tickguard.web.dashboard import dashboard
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
@@ -85,6 +85,7 @@ async def serve(
     # Quart enforces MAX_CONTENT_LENGTH itself (as a 413); hypercorn's limits stay above it.
     config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, MAX_BODY_BYTES)
     sessions = live_sessions(app)
+    isolation.install()  # one connection's failure must not end the server (hypercorn#225)
 
     async def stop() -> None:
         await shutdown_trigger()

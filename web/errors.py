@@ -14,6 +14,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 from tickguard.actors.mailbox import ActorUnavailable
+from tickguard.actors.persistence import WriteRejected
 from tickguard.storage import BadCursor, DatabaseUnavailable, OpenPositionLimit
 from tickguard.web.json import json_response
 from tickguard.web.schemas import ValidationError
@@ -93,6 +94,11 @@ def install(app: QuartTrio) -> None:
     async def _actor(error: ActorUnavailable) -> Response:
         log.warning("actor unavailable: %s", error)
         return error_response(unavailable("Service temporarily unavailable."))
+
+    @app.errorhandler(WriteRejected)
+    async def _rejected(error: WriteRejected) -> Response:
+        # The writer logged it with its traceback; this request alone failed.
+        return error_response(ApiError(500, "Internal error."))
 
     @app.errorhandler(trio.TooSlowError)
     async def _too_slow(error: trio.TooSlowError) -> Response:

@@ -125,14 +125,21 @@ def _doc(field: Field) -> dict[str, Any]:
 # --- parsers -----------------------------------------------------------------------------------
 
 
+def storable_text(raw: str) -> bool:
+    """Whether PostgreSQL can store ``raw`` as TEXT exactly: valid UTF-8 (no lone surrogate,
+    which JSON's ``\\ud800`` escapes and percent-decoding can produce) and no NUL, nor any other
+    control character (they have no place in an id and break logs)."""
+    return not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in raw)
+
+
 def parse_user_id(name: str, raw: Any) -> str:
-    """1–128 characters, none of them a control character."""
+    """1–128 characters of storable text (see ``storable_text``)."""
     if not isinstance(raw, str):
         raise FieldError(f"{name} must be a string.")
     if not 1 <= len(raw) <= USER_ID_MAX:
         raise FieldError(f"{name} must be 1 to {USER_ID_MAX} characters long.")
-    if any(unicodedata.category(ch) == "Cc" for ch in raw):
-        raise FieldError(f"{name} must not contain control characters.")
+    if not storable_text(raw):
+        raise FieldError(f"{name} must be valid Unicode text without control characters.")
     return raw
 
 
@@ -218,7 +225,7 @@ def query_int(low: int, high: int) -> Callable[[str, Any], int]:
 
 def parse_cursor(name: str, raw: Any) -> str:
     """An opaque cursor from an earlier response; storage decides whether it is valid."""
-    if not isinstance(raw, str) or not 1 <= len(raw) <= 512:
+    if not isinstance(raw, str) or not 1 <= len(raw) <= 512 or not storable_text(raw):
         raise FieldError(f"{name} must be a cursor returned as nextCursor.")
     return raw
 
@@ -228,7 +235,7 @@ def parse_idempotency_key(name: str, raw: Any) -> str:
     if (
         not isinstance(raw, str)
         or not 1 <= len(raw) <= IDEMPOTENCY_KEY_MAX
-        or any(unicodedata.category(ch) == "Cc" for ch in raw)
+        or not storable_text(raw)
     ):
         raise FieldError(f"{name} must be 1 to {IDEMPOTENCY_KEY_MAX} printable characters.")
     return raw
