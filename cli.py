@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
+
 from tickguard import __version__, logs
 from tickguard.config import ConfigError, Settings, load_settings
 

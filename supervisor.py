@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 import trio
+
 from tickguard.actors import engine, fanout, feed, persistence
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox

@@ -30,6 +30,7 @@ from typing import Any
 
 import attrs
 import trio
+
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed import Unwatch, Watch

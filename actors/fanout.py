@@ -16,6 +16,7 @@ import logging
 
 import attrs
 import trio
+
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox

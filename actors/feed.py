@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import attrs
 import msgspec
 import trio
+
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import attrs
 import trio
+
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox

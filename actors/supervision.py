@@ -51,6 +51,7 @@ from typing import Any
 
 import attrs
 import trio
+
 from tickguard.actors.mailbox import Mailbox
 from tickguard.logs import ACTOR
 

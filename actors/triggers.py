@@ -20,6 +20,7 @@ from typing import Literal
 
 import attrs
 from sortedcontainers import SortedList
+
 from tickguard.actors.messages import Position, Side
 from tickguard.actors.window import TickWindow
 

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+
 from tickguard.actors.messages import EventSource, EventType, Position
 
 _encoder = msgspec.json.Encoder(decimal_format="number")

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from tickguard.sim import open_simulator
-from tickguard.storage import open_database
 
 from bench.common import (
     Context,
@@ -33,6 +31,8 @@ from bench.common import (
     wait_closed,
     write_result,
 )
+from tickguard.sim import open_simulator
+from tickguard.storage import open_database
 
 NAME = "cascade"
 USERS = 100

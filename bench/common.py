@@ -31,6 +31,7 @@ import asyncpg
 import attrs
 import httpx
 import trio
+
 from tickguard.actors.messages import NewPosition
 from tickguard.storage import migrate, open_database
 from tickguard.storage import positions as store
@@ -522,6 +523,7 @@ class Listener:
         cancelled. A ``stalled`` session reads nothing after connection.ready (its socket
         buffers fill and the server must not let that slow anyone else)."""
         import trio_websocket
+
         from tickguard.actors.wire import loads
 
         async with trio_websocket.open_websocket_url(

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from tickguard.sim import open_simulator
 
 from bench.common import (
     Context,
@@ -36,6 +35,7 @@ from bench.common import (
     wait_closed,
     write_result,
 )
+from tickguard.sim import open_simulator
 
 NAME = "fanout"
 

@@ -19,6 +19,7 @@ from decimal import Decimal
 
 import httpx
 import trio
+
 from tickguard.actors.feed import FeedConfig, FeedStatus, _Feed, _Session, run
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots

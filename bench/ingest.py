@@ -19,15 +19,15 @@ from pathlib import Path
 
 import httpx
 import trio
+
+from bench import engine_scaling, feed_ingest
+from bench.common import Context, Figure, at_least, write_result
 from tickguard.actors import engine as engine_actor
 from tickguard.actors.feed import FeedConfig, FeedStatus
 from tickguard.actors.feed import run as run_feed
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Position
 from tickguard.actors.window import WindowSlots
-
-from bench import engine_scaling, feed_ingest
-from bench.common import Context, Figure, at_least, write_result
 
 NAME = "ingest"
 TARGET_SOCKET = 25_000

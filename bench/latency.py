@@ -19,8 +19,6 @@ from typing import Any
 import httpx
 import trio
 import trio_websocket
-from tickguard.actors.wire import loads
-from tickguard.sim import open_simulator
 
 from bench.common import (
     Context,
@@ -37,6 +35,8 @@ from bench.common import (
     serve_subprocess,
     write_result,
 )
+from tickguard.actors.wire import loads
+from tickguard.sim import open_simulator
 
 NAME = "latency"
 OPEN_POSITIONS = 10_000

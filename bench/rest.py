@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import trio
-from tickguard.sim import open_simulator
 
 from bench.common import (
     REPO,
@@ -37,6 +36,7 @@ from bench.common import (
     serve_subprocess,
     write_result,
 )
+from tickguard.sim import open_simulator
 
 NAME = "rest"
 CONNECTIONS = 32

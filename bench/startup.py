@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from tickguard.sim import open_simulator
 
 from bench import engine_scaling
 from bench.common import (
@@ -32,6 +31,7 @@ from bench.common import (
     serve_subprocess,
     write_result,
 )
+from tickguard.sim import open_simulator
 
 NAME = "startup"
 TARGET_S = 2.0

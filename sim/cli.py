@@ -9,6 +9,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 
 import trio
+
 from tickguard.sim.server import Simulator
 
 

@@ -26,8 +26,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import trio
-from tickguard.sim import paths
-from tickguard.sim.paths import PricePath
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -38,6 +36,9 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.utilities import RemoteProtocolError
+
+from tickguard.sim import paths
+from tickguard.sim.paths import PricePath
 
 log = logging.getLogger(__name__)
 

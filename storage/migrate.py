@@ -14,6 +14,7 @@ from importlib import resources
 
 import asyncpg
 import attrs
+
 from tickguard.storage.db import Database
 
 log = logging.getLogger("tickguard.storage")

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+
 from tickguard.actors.messages import (
     CloseOrder,
     CloseOutcome,

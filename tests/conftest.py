@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import trio
+
 from tickguard.storage import Database, migrate, open_database
 
 

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import trio
 from service_harness import EventStream, Service, running_service
+
 from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.faults import FaultPoints, InjectedFault
 from tickguard.actors.supervision import RestartPolicy

@@ -13,6 +13,7 @@ import attrs
 import httpx
 import trio
 import trio_websocket
+
 from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.supervision import RestartPolicy

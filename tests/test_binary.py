@@ -29,6 +29,7 @@ import httpx
 import psutil
 import pytest
 import trio
+
 from tickguard import __version__
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tickguard import __version__
 
 pytestmark = pytest.mark.timeout(240)

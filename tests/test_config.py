@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from dotenv import dotenv_values
+
 from tickguard.config import KNOWN_VARIABLES, ConfigError, Settings, load_settings
 
 ENV_EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / ".env.example"

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from web_harness import make_settings, running_app
+
 from tickguard.actors.mailbox import Mailbox
 from tickguard.storage import Database
 from tickguard.web import dashboard
 from tickguard.web.app import AppServices
-from web_harness import make_settings, running_app
 
 
 def services(db: Database) -> AppServices:

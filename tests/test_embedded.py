@@ -20,6 +20,7 @@ import psutil
 import pytest
 import trio
 import trio_asyncio
+
 from tickguard.storage.embedded import (
     SERVER_USER,
     DataVersionMismatch,

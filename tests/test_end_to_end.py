@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 import trio
 from service_harness import Service, event_stream, running_service, wait_until_live
+
 from tickguard.sim import Simulator, open_simulator
 from tickguard.storage import Database
 

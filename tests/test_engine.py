@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 from positions_factory import open_position
+
 from tickguard.actors import engine
 from tickguard.actors.engine import EngineConfig, EngineStats
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox

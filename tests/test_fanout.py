@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+
 from tickguard.actors import fanout
 from tickguard.actors.fanout import FanoutConfig, Join, Leave, Session, SessionClosed
 from tickguard.actors.mailbox import Mailbox

@@ -34,14 +34,15 @@ from fault_helpers import (
     until,
 )
 from service_harness import event_stream, wait_until_live
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request
+
 from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.faults import FaultPoints
 from tickguard.config import Settings
 from tickguard.sim import open_simulator
 from tickguard.storage import Database
 from tickguard.supervisor import serve
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request
 
 SEEDS = seeds(1, 2)
 CRASH_POINTS = (

@@ -18,6 +18,7 @@ import pytest
 import trio
 from fault_helpers import Figures, Run, faulty_service
 from service_harness import wait_until_live
+
 from tickguard.sim import open_simulator
 from tickguard.storage import Database
 

@@ -30,6 +30,7 @@ from fault_helpers import (
     until,
 )
 from service_harness import event_stream, wait_until_live
+
 from tickguard.sim import open_simulator
 from tickguard.storage import Database, migrate, open_database
 from tickguard.storage.embedded import SERVER_USER, EmbeddedPostgres, bin_dir

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import trio
 from fault_helpers import GUARD_S, Figures, Run, audit, long_with_stop, seeds, until
+
 from tickguard.sim import Simulator, open_simulator
 from tickguard.storage import Database, open_database
 

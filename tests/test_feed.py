@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from sim_fixtures import eventually
+
 from tickguard.actors.feed import (
     FeedConfig,
     FeedStatus,

@@ -12,6 +12,7 @@ import httpx
 import trio
 from fault_helpers import faulty_service
 from service_harness import Service, wait_until_live
+
 from tickguard.actors import persistence
 from tickguard.actors.mailbox import Mailbox, ask
 from tickguard.actors.messages import CreateRequest, CreateResult, NewPosition

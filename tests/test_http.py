@@ -11,6 +11,14 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from web_harness import (
+    TEST_ORIGIN,
+    make_settings,
+    running_app,
+    running_stack,
+    services_without_database,
+)
+
 from tickguard.actors.feed import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
@@ -19,13 +27,6 @@ from tickguard.storage import Database
 from tickguard.web import routes
 from tickguard.web.app import AppServices, create_app
 from tickguard.web.openapi import ROUTES, document
-from web_harness import (
-    TEST_ORIGIN,
-    make_settings,
-    running_app,
-    running_stack,
-    services_without_database,
-)
 
 USER = "alice"
 

@@ -20,13 +20,14 @@ import httpx
 import pytest
 import trio
 from service_harness import running_service, wait_until_live
+from web_harness import make_settings, running_app
+
 from tickguard import logs
 from tickguard.actors.mailbox import Mailbox
 from tickguard.sim import open_simulator
 from tickguard.storage import Database
 from tickguard.web.app import AppServices
 from tickguard.web.request_ids import HEADER
-from web_harness import make_settings, running_app
 
 ISO_UTC_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")

@@ -10,6 +10,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from service_harness import Service, event_stream, running_service, wait_until_live
+from web_harness import make_settings, running_app
+
 from tickguard.actors.engine import EngineStats
 from tickguard.actors.fanout import FanoutStats
 from tickguard.actors.feed import FeedStatus
@@ -19,7 +21,6 @@ from tickguard.sim import open_simulator
 from tickguard.storage import Database
 from tickguard.web.app import AppServices
 from tickguard.web.metrics import MetricsSources
-from web_harness import make_settings, running_app
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+
 from tickguard.actors import persistence
 from tickguard.actors.faults import FaultPoints, InjectedFault
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox, ask

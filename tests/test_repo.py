@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
 from tickguard import __version__
 from tickguard.config import KNOWN_VARIABLES, Settings, load_settings
 from tickguard.web.openapi import ROUTES

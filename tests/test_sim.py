@@ -11,8 +11,9 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from tickguard.sim import Simulator, open_simulator, paths
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from tickguard.sim import Simulator, open_simulator, paths
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 DECIMAL = re.compile(r"^\d+(\.\d+)?$")

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import trio
 import trio_asyncio
+
 from tickguard.actors.messages import CloseOrder, CloseOutcome, NewPosition
 from tickguard.storage import Database, DatabaseUnavailable, migrate, open_database, open_pool
 from tickguard.storage import positions as store

@@ -16,6 +16,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox, ask
 from tickguard.actors.supervision import (
     ChildSpec,

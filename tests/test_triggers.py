@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from positions_factory import open_position
+
 from tickguard.actors.messages import Position
 from tickguard.actors.triggers import Trigger, TriggerIndex, judge_linear
 from tickguard.actors.window import TickWindow, WindowSlot

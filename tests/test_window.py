@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import trio
+
 from tickguard.actors.window import WindowSlot
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -9,8 +9,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from tickguard.actors.messages import Event
-from tickguard.storage import Database
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 from web_harness import (
     Stack,
@@ -19,6 +17,9 @@ from web_harness import (
     services_without_database,
     ws_url,
 )
+
+from tickguard.actors.messages import Event
+from tickguard.storage import Database
 
 GUARD = 10  # seconds: a hang guard, never a speed assertion
 

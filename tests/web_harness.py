@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import trio
+
 from tickguard.actors import fanout, persistence
 from tickguard.actors.feed import FeedStatus
 from tickguard.actors.mailbox import Mailbox

@@ -15,6 +15,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
+
 from tickguard.config import Settings
 from tickguard.web import cors, errors, isolation, request_ids
 from tickguard.web.dashboard import dashboard

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quart import Blueprint, Response, send_from_directory
+
 from tickguard.web.errors import ApiError
 
 dashboard = Blueprint("dashboard", __name__)

@@ -13,12 +13,13 @@ from typing import Any
 import trio
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
 from tickguard.actors.mailbox import ActorUnavailable
 from tickguard.actors.persistence import WriteRejected
 from tickguard.storage import BadCursor, DatabaseUnavailable, OpenPositionLimit
 from tickguard.web.json import json_response
 from tickguard.web.schemas import ValidationError
-from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("tickguard.web")
 

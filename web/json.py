@@ -7,6 +7,7 @@ from typing import Any
 
 from quart import Response
 from quart.json.provider import DefaultJSONProvider
+
 from tickguard.actors.wire import dumps, loads
 
 

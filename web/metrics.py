@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from quart import Blueprint, Response, current_app, request
 from quart.blueprints import BlueprintSetupState
+
 from tickguard.actors.engine import EngineStats
 from tickguard.actors.fanout import FanoutStats
 from tickguard.actors.persistence import PersistenceStats

@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 from quart import Blueprint, Response
+
 from tickguard.web import schemas
 from tickguard.web.json import json_response
 from tickguard.web.schemas import Schema

@@ -25,6 +25,7 @@ from hypercorn.typing import (
     Scope,
 )
 from quart import Quart
+
 from tickguard.logs import REQUEST_ID
 
 HEADER = "X-Request-Id"

@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from quart import Blueprint, Response, current_app, request
+
 from tickguard.actors.mailbox import ask
 from tickguard.actors.messages import (
     CloseOrder,

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import attrs
 from flask.sansio.app import App
+
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings

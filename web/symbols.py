@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import trio
+
 from tickguard.actors.feed import SubscribeOutcome, Watch
 from tickguard.actors.mailbox import ActorUnavailable, ask
 

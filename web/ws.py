@@ -19,6 +19,7 @@ import logging
 import trio
 from quart import Blueprint, Response, current_app, websocket
 from quart_trio import QuartTrio
+
 from tickguard.actors.fanout import (
     GOING_AWAY,
     INTERNAL_ERROR,
