@@ -264,3 +264,32 @@ def test_deploy_files_agree_with_the_defaults() -> None:
     assert re.search(r"^\s+HOST=0\.0\.0\.0", dockerfile, re.M)
     assert "/health" in dockerfile and ("get", "/health") in {(r.method, r.path) for r in ROUTES}
     assert re.search(r'^ENTRYPOINT \["tini", "--", "tickguard"\]$', dockerfile, re.M)
+
+
+needs_git_checkout = pytest.mark.skipif(
+    shutil.which("git") is None or not (ROOT / ".git").exists(),
+    reason="needs git and a git checkout of tickguard",
+)
+
+
+@needs_make
+@needs_git_checkout
+def test_lint_passes_in_a_fresh_clone_named_tickguard(tmp_path: Path) -> None:
+    # The most natural clone is a folder named `tickguard`, the package's own name: ruff's
+    # import sorting once took `tickguard` for first-party there only (issue 12 §1), and
+    # lint-imports must check the clone's code, not the checkout the venv was installed from.
+    clone = tmp_path / "tickguard"
+    subprocess.run(
+        ["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    lint = _make("-C", str(clone), "lint")
+    output = lint.stdout + lint.stderr
+    assert lint.returncode == 0, output
+    # Each of the three checks ran and passed in the clone.
+    assert "All checks passed!" in output
+    assert re.search(r"^\d+ files already formatted$", output, re.M), output
+    assert re.search(r"^Contracts: \d+ kept, 0 broken\.$", output, re.M), output
+    assert (clone / "build" / "lint" / "tickguard").resolve() == clone.resolve()
