@@ -44,9 +44,14 @@ test: $(STAMP) ## the whole Python suite (soak variants excluded)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing" >&2; fi; \
 	exit $$rc
 
-lint: $(STAMP) ## ruff check and ruff format --check
+# lint-imports reads the package of THIS checkout through a `tickguard` symlink (as typecheck
+# does), whichever checkout the venv's editable install points at: a fresh clone run with
+# another venv still checks its own code.
+lint: $(STAMP) ## ruff check, ruff format --check and the import contracts (pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@mkdir -p build/lint && ln -sfn "$(CURDIR)" build/lint/tickguard
+	PYTHONPATH="$(CURDIR)/build/lint" $(BIN)/lint-imports --no-cache --config pyproject.toml
 
 # mypy cannot follow the editable install's import hook, so it reads the package through a
 # `tickguard` symlink to the repository (as the binary's spec does).

@@ -9,6 +9,7 @@ lists exactly ``KNOWN_VARIABLES``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -49,6 +50,13 @@ _PRODUCT = re.compile(r"[A-Z0-9]+-[A-Z0-9]+")
 _ORIGIN = re.compile(
     r"https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:(?P<port>[0-9]+))?"
 )
+
+# RFC 1123 labels (letters, digits, inner hyphens; underscores too, as container and compose
+# service names use them), at most 63 characters each, an optional final dot.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+# All digits and dots is an IPv4 address or nothing (a bad one, not a host name).
+_NUMERIC = re.compile(r"[0-9.]+")
+_HOST_AND_PORT = re.compile(r"(\[[^]]*\]|[^:]*):[0-9]+")
 
 T = TypeVar("T")
 
@@ -201,9 +209,27 @@ def _cap(name: str, raw: str) -> int:
 
 
 def _host(name: str, raw: str) -> str:
-    if any(ch.isspace() for ch in raw) or "/" in raw:
-        raise _Invalid(f"{name} must be a host name or IP address to bind, got {raw!r}")
-    return raw
+    """A host name, an IPv4 literal or an IPv6 literal (``::1`` or ``[::1]``, kept without
+    brackets: the web server adds them when it binds). Anything else would pass here and fail
+    later at bind, in a traceback that does not name HOST."""
+    literal = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+    try:
+        address = ipaddress.ip_address(literal)
+    except ValueError:
+        address = None
+    if address is not None and (literal == raw or address.version == 6):
+        return literal
+    if _HOSTNAME.fullmatch(raw) and len(raw.rstrip(".")) <= 253 and not _NUMERIC.fullmatch(raw):
+        return raw
+    hint = ""
+    if _HOST_AND_PORT.fullmatch(raw):
+        hint = " (set the port with PORT)"
+    elif "://" in raw:
+        hint = " (no scheme)"
+    raise _Invalid(
+        f"{name} must be a host name or an IP address (IPv6 as ::1 or [::1]) to bind, "
+        f"without port, scheme or path{hint}, got {raw!r}"
+    )
 
 
 def _database_url(name: str, raw: str) -> str:

@@ -119,7 +119,12 @@ async def run(
             del page
     engine.watch_load(load)
     stats.starts += 1
-    log.info("engine %s started with %d open positions", symbol, stats.positions_open)
+    log.info(
+        "engine %s started with %d open position%s",
+        symbol,
+        stats.positions_open,
+        "" if stats.positions_open == 1 else "s",
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(closer.run)
         nursery.start_soon(_take_windows, slot, engine)

@@ -22,6 +22,7 @@ fails alone is answered ``WriteRejected``; everyone else's writes go on.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -218,6 +219,7 @@ class _Persistence:
             self.stats.transactions += 1
             await fault_points.hit(self.faults, "persistence.after_commit")
             self.publish(events)
+            log_closes(closed, requests[0].source)
             for result in closed:
                 if result.outcome is CloseOutcome.CLOSED and result.position is not None:
                     self.untrack(result.position)
@@ -313,6 +315,42 @@ class _Persistence:
             await self.recover_outbox()
         except DatabaseUnavailable as exc:
             self.database_failed(exc)
+
+
+# Up to this many closes committed together are logged one INFO line each; a larger batch (a
+# stop cascade) is one INFO line with its counts, and each close at DEBUG, so that a 100k
+# cascade does not write 100k INFO lines while the engine waits for the writer.
+CLOSES_LOGGED_EACH = 10
+
+
+def log_closes(results: Sequence[CloseResult], source: EventSource) -> None:
+    """Log the positions that one committed transaction closed (see ``CLOSES_LOGGED_EACH``)."""
+    closed = [
+        r.position for r in results if r.outcome is CloseOutcome.CLOSED and r.position is not None
+    ]
+    if not closed:
+        return
+    each = logging.INFO if len(closed) <= CLOSES_LOGGED_EACH else logging.DEBUG
+    if each == logging.DEBUG:
+        counts = Counter(f"{p.symbol} {p.close_reason}" for p in closed)
+        log.info(
+            "closed %d positions (source %s): %s",
+            len(closed),
+            source,
+            ", ".join(f"{what} x{n}" for what, n in sorted(counts.items())),
+        )
+    if log.isEnabledFor(each):
+        for p in closed:
+            log.log(
+                each,
+                "closed position %s %s %s at %s (source %s)",
+                p.id,
+                p.symbol,
+                p.close_reason,
+                # Without the column's trailing zeros: 66000, not 66000.00000000.
+                "?" if p.close_price is None else f"{p.close_price.normalize():f}",
+                source,
+            )
 
 
 async def _positions_of(db: Database, events: Sequence[Event]) -> list[Position]:

@@ -42,7 +42,8 @@ class OpenPositionLimit(Exception):
     """The user already holds the maximum number of open positions."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"At most {limit} open positions are allowed per user.")
+        many = "open position is" if limit == 1 else "open positions are"
+        super().__init__(f"At most {limit} {many} allowed per user.")
         self.limit = limit
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +109,16 @@ BAD_VALUES = [
     ("PORT", "1_000"),
     ("HOST", "local host"),
     ("HOST", "http://x"),
+    ("HOST", "localhost:80"),
+    ("HOST", "127.0.0.1:8080"),
+    ("HOST", "[::1]:8080"),
+    ("HOST", "localhost/api"),
+    ("HOST", "999.1.1.1"),
+    ("HOST", "[127.0.0.1]"),
+    ("HOST", "[::1"),
+    ("HOST", "-leading-hyphen"),
+    ("HOST", "a..b"),
+    ("HOST", "x" * 64),
     ("DATABASE_URL", "mysql://u:p@db/x"),
     ("DATABASE_URL", "db.example.com:5432"),
     ("TICKGUARD_DATA_DIR", str(Path(__file__))),
@@ -144,6 +157,48 @@ def test_each_bad_value_is_refused_naming_its_variable(name: str, value: str) ->
 
 def test_every_variable_has_a_bad_value_case() -> None:
     assert {name for name, _ in BAD_VALUES} == set(KNOWN_VARIABLES)
+
+
+@pytest.mark.parametrize(
+    ("value", "bound"),
+    [
+        ("localhost", "localhost"),
+        ("0.0.0.0", "0.0.0.0"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("db.internal.example.com", "db.internal.example.com"),
+        ("tickguard_web", "tickguard_web"),
+        ("::", "::"),
+        ("::1", "::1"),
+        # Brackets are dropped: the web server adds them itself when it binds an IPv6 address.
+        ("[::1]", "::1"),
+        ("[fe80::1%eth0]", "fe80::1%eth0"),
+    ],
+)
+def test_host_takes_a_name_or_an_ip_literal(value: str, bound: str) -> None:
+    assert load(HOST=value).host == bound
+
+
+@pytest.mark.parametrize("value", ["localhost:80", "[::1]:8080"])
+def test_a_host_with_a_port_is_told_to_use_port(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^HOST .*\(set the port with PORT\), got '"):
+        load(HOST=value)
+
+
+def test_serve_with_a_host_and_port_in_host_stops_naming_host(tmp_path: Path) -> None:
+    # The issue's repro: it used to pass validation and die at bind in a traceback.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HOST": "localhost:80"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tickguard", "serve"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "HOST" in done.stderr and "'localhost:80'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_the_port_message_quotes_the_value() -> None:

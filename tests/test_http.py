@@ -377,7 +377,7 @@ async def test_open_position_cap_is_a_400(db: Database) -> None:
         over = await client.post("/api/positions", json=_long())
     assert ok.status_code == 201
     assert over.status_code == 400
-    assert over.json() == {"error": "At most 1 open positions are allowed per user."}
+    assert over.json() == {"error": "At most 1 open position is allowed per user."}
 
 
 async def test_an_actor_that_does_not_answer_is_a_503_not_a_hang(db: Database) -> None:

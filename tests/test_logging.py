@@ -13,17 +13,23 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
+from positions_factory import open_position
 from service_harness import running_service, wait_until_live
 from web_harness import make_settings, running_app
 
 from tickguard import logs
 from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.messages import CloseOutcome, CloseResult, Position
+from tickguard.actors.persistence import CLOSES_LOGGED_EACH, log_closes
 from tickguard.sim import open_simulator
 from tickguard.storage import Database
 from tickguard.web.app import AppServices
@@ -166,6 +172,108 @@ async def test_every_actor_line_names_its_actor(db: Database, captured: Captured
         line for line in lines if line["request_id"] == "e2e-1" and "access" in line["logger"]
     ]
     assert access["actor"] == "web"
+
+
+def _persistence_lines(captured: Captured, level: str | None = None) -> list[str]:
+    return [
+        line["message"]
+        for line in captured.lines()
+        if line["logger"] == "tickguard.actors.persistence"
+        and line["message"].startswith("closed ")
+        and (level is None or line["level"] == level)
+    ]
+
+
+async def test_each_close_is_logged_at_info_with_id_symbol_reason_price_and_source(
+    db: Database, captured: Captured
+) -> None:
+    async with (
+        open_simulator({"BTC-USD": "65000"}, heartbeat_interval=0.2) as sim,
+        running_service(db, sim) as service,
+    ):
+        await wait_until_live(service)
+        by_engine = await service.create(entryPrice="65000", takeProfit="66000")
+        by_hand = await service.create(entryPrice="65000")
+        closed = await service.http.post(
+            f"/api/positions/{by_hand['id']}/close",
+            json={"userId": "alice", "closePrice": "65010.5"},
+        )
+        assert closed.status_code == 200, closed.text
+        with trio.fail_after(10):
+            # The engine may not watch the position yet: trade above the level until it closes.
+            while len(_persistence_lines(captured)) < 2:
+                sim.publish("BTC-USD", "66001")
+                await trio.sleep(0.05)
+
+    assert sorted(_persistence_lines(captured, "info")) == sorted(
+        [
+            f"closed position {by_engine['id']} BTC-USD take_profit at 66000 (source engine)",
+            f"closed position {by_hand['id']} BTC-USD manual at 65010.5 (source api)",
+        ]
+    )
+
+
+def _closed(position: Position, reason: str, price: str) -> CloseResult:
+    row = attrs.evolve(position, status="closed", close_reason=reason, close_price=Decimal(price))
+    return CloseResult(position.id, CloseOutcome.CLOSED, row)
+
+
+def test_a_small_batch_logs_each_close_and_a_cascade_one_info_line(captured: Captured) -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    small = [
+        _closed(open_position("long", created_at=at, sl="99"), "stop_loss", "99")
+        for _ in range(CLOSES_LOGGED_EACH)
+    ]
+    failed = CloseResult(small[0].position_id, CloseOutcome.FAILED)
+    log_closes([*small, failed], "engine")
+    assert len(_persistence_lines(captured, "info")) == CLOSES_LOGGED_EACH
+    assert not _persistence_lines(captured, "debug")
+
+    captured.stream.truncate(0)
+    captured.stream.seek(0)
+    cascade = [
+        _closed(open_position("long", created_at=at, sl="99"), "stop_loss", "99")
+        for _ in range(CLOSES_LOGGED_EACH + 1)
+    ] + [
+        _closed(
+            open_position("short", created_at=at, tp="98", symbol="ETH-USD"), "take_profit", "98"
+        )
+    ]
+    log_closes(cascade, "engine")
+    assert _persistence_lines(captured, "info") == [
+        f"closed {CLOSES_LOGGED_EACH + 2} positions (source engine): "
+        f"BTC-USD stop_loss x{CLOSES_LOGGED_EACH + 1}, ETH-USD take_profit x1"
+    ]
+    each = _persistence_lines(captured, "debug")
+    assert len(each) == len(cascade)
+    assert (
+        each[-1]
+        == f"closed position {cascade[-1].position_id} ETH-USD take_profit at 98 (source engine)"
+    )
+
+
+async def test_an_engine_with_one_open_position_says_position(
+    db: Database, captured: Captured
+) -> None:
+    async with open_simulator({"BTC-USD": "65000"}, heartbeat_interval=0.2) as sim:
+        async with running_service(db, sim) as service:
+            await wait_until_live(service)
+            await service.create(entryPrice="65000")
+        # A restart loads the position from the database.
+        captured.stream.truncate(0)
+        captured.stream.seek(0)
+        async with running_service(db, sim) as service:
+            with trio.fail_after(10):
+                while not any(
+                    line["logger"] == "tickguard.actors.engine" for line in captured.lines()
+                ):
+                    await trio.sleep(0.01)
+    started = [
+        line["message"]
+        for line in captured.lines()
+        if line["logger"] == "tickguard.actors.engine" and "started with" in line["message"]
+    ]
+    assert started == ["engine BTC-USD started with 1 open position"]
 
 
 async def test_context_follows_the_task_tree() -> None:
