@@ -328,9 +328,7 @@ async def open_token_verifier(
     """A ``TokenVerifier`` with its own HTTP client, closed on exit. The client follows no
     redirect and reads no proxy settings from the environment (config.py is the only reader)."""
     timeout = httpx.Timeout(config.fetch_timeout_s)
-    async with httpx.AsyncClient(
-        timeout=timeout, follow_redirects=False, trust_env=False
-    ) as http:
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http:
         yield TokenVerifier(config, http, wall_clock=wall_clock)
 
 
