@@ -21,8 +21,9 @@ from collections import OrderedDict
 import attrs
 import trio
 
-# 10k keys cost about 2 MB (tests/test_ratelimit.py measures it); 100k stays near 20 MB.
-DEFAULT_MAX_KEYS = 100_000
+# 10k keys of ~50 characters cost about 2.7 MB (tests/test_ratelimit.py measures it), so the
+# cap holds one limit's buckets under about 14 MB whatever a flood of distinct keys does.
+DEFAULT_MAX_KEYS = 50_000
 
 
 @attrs.frozen
@@ -47,6 +48,7 @@ class RateLimit:
         self.max_keys = max_keys
         # key -> (tokens, time of that count); ordered by last use, oldest first.
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._peak = 0
 
     @classmethod
     def per_second(cls, rate: int, *, max_keys: int = DEFAULT_MAX_KEYS) -> RateLimit:
@@ -91,12 +93,18 @@ class RateLimit:
         while self._buckets:
             key, (tokens, at) = next(iter(self._buckets.items()))
             if tokens + (now - at) * self.rate < self.burst:
-                return
+                break
             del self._buckets[key]
+        # A dict never shrinks its table by itself: copy it once most keys have gone, so the
+        # memory a burst of keys took comes back.
+        if self._peak > 1024 and len(self._buckets) < self._peak // 4:
+            self._buckets = OrderedDict(self._buckets)
+            self._peak = len(self._buckets)
 
     def _cap(self) -> None:
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+        self._peak = max(self._peak, len(self._buckets))
 
 
 def address_key(address: str) -> str:
