@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("file", type=Path)
     restore = db_commands.add_parser("restore", help="load a dump written by `db dump`")
     restore.add_argument("file", type=Path)
+    dev_token = commands.add_parser(
+        "dev-token",
+        help="print a development bearer token for USER (or the dev JWKS); never for production",
+        description="A development identity provider: an RSA key kept in TICKGUARD_DATA_DIR/"
+        "dev-jwks/ (made on first use) signs RS256 tokens; point AUTH_JWKS_URL at its JWKS "
+        "(--serve) to run tickguard with authentication and no real identity provider.",
+    )
+    dev_token.add_argument("user", nargs="?", help="the token's sub (the user id)")
+    dev_token.add_argument(
+        "--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)"
+    )
+    dev_what = dev_token.add_mutually_exclusive_group()
+    dev_what.add_argument("--jwks", action="store_true", help="print the JWKS document instead")
+    dev_what.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the JWKS at http://127.0.0.1:PORT/jwks.json until interrupted",
+    )
+    dev_token.add_argument("--port", type=int, default=8766, help="port for --serve (8766)")
     commands.add_parser(
         "sim",
         help="run the Coinbase-protocol simulator (see `tickguard sim --help`)",
@@ -67,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(_migrate, settings)
     if command == "db":
         return _db(settings, args.db_command, args.file)
+    if command == "dev-token":
+        return _dev_token(settings, args)
     raise AssertionError(command)
 
 
@@ -136,6 +158,54 @@ def _db(settings: Settings, action: str, file: Path) -> int:
     finally:
         if server is not None:
             server.stop()
+
+
+def _dev_token(settings: Settings, args: argparse.Namespace) -> int:
+    """``tickguard dev-token``: a token for USER (iss/aud as AUTH_ISSUER/AUTH_AUDIENCE say, so
+    the server accepts it), the JWKS (``--jwks``), or the JWKS served (``--serve``)."""
+    import json
+
+    from tickguard.web import dev_identity
+    from tickguard.web.schemas import FieldError, parse_user_id
+
+    key = dev_identity.load_or_create(settings.data_dir)
+    if args.jwks:
+        print(json.dumps(key.jwks(), indent=2))
+        return 0
+    if args.serve:
+
+        async def serve_until_interrupted() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    url = await nursery.start(dev_identity.serve_jwks, key, "127.0.0.1", args.port)
+                    print(f"dev JWKS at {url} (AUTH_JWKS_URL={url}); Ctrl-C stops", flush=True)
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        break
+
+        failures: list[str] = []
+        try:
+            trio.run(serve_until_interrupted)
+        except* OSError as group:  # the port is taken, most likely
+            failures.append(f"tickguard: dev JWKS server: {group.exceptions[0]}")
+        for failure in failures:
+            print(failure, file=sys.stderr)
+        return 1 if failures else 0
+    if args.user is None:
+        print("tickguard: dev-token needs USER (or --jwks, --serve)", file=sys.stderr)
+        return 2
+    try:
+        user = parse_user_id("USER", args.user)
+    except FieldError as exc:
+        print(f"tickguard: {exc}", file=sys.stderr)
+        return 2
+    if not 1 <= args.ttl <= 366 * 86400:
+        print("tickguard: --ttl must be 1 to 31622400 seconds", file=sys.stderr)
+        return 2
+    audience = settings.auth_audience[0] if settings.auth_audience else None
+    issuer = settings.auth_issuer or dev_identity.DEV_ISSUER
+    print(key.token(user, ttl_s=args.ttl, issuer=issuer, audience=audience))
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,15 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "SHUTDOWN_GRACE_MS",
     "LOG_LEVEL",
     "LOG_FORMAT",
+    "AUTH_JWKS_URL",
+    "AUTH_ISSUER",
+    "AUTH_AUDIENCE",
+    "AUTH_CLOCK_SKEW_SECONDS",
+    "AUTH_JWKS_CACHE_TTL_MS",
+    "ALLOW_UNAUTHENTICATED",
+    "RATE_LIMIT_PER_USER",
+    "RATE_LIMIT_PER_ADDRESS",
+    "WS_CONNECTS_PER_ADDRESS_PER_MIN",
 )
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
@@ -98,6 +107,17 @@ class Settings:
     shutdown_grace_ms: int = 10000
     log_level: str = "info"
     log_format: str = "text"
+    # Identity (docs/SECURITY.md): no JWKS URL means no authentication.
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: tuple[str, ...] = ()
+    auth_clock_skew_seconds: int = 30
+    auth_jwks_cache_ttl_ms: int = 300000
+    allow_unauthenticated: bool = False
+    # Token buckets (web/ratelimit.py); 0 turns a limit off.
+    rate_limit_per_user: int = 20
+    rate_limit_per_address: int = 100
+    ws_connects_per_address_per_min: int = 120
 
     def describe_database(self) -> str:
         """Where the data lives, safe to log: the URL without its password, or the embedded
@@ -176,13 +196,56 @@ class _Reader:
             log_level=self._get("LOG_LEVEL", defaults.log_level, _choice(LOG_LEVELS)),
             log_format=self._get("LOG_FORMAT", defaults.log_format, _choice(LOG_FORMATS)),
         )
+        settings = self._with_identity(settings, defaults)
         if base > most:
             self._problems.append(
                 f"WS_RECONNECT_BASE_MS ({base}) must not exceed WS_RECONNECT_MAX_MS ({most})"
             )
+        self._check_exposure(settings)
         if self._problems:
             raise ConfigError(self._problems)
         return settings
+
+    def _with_identity(self, settings: Settings, defaults: Settings) -> Settings:
+        """``settings`` with the authentication and rate-limit variables read."""
+        return attrs.evolve(
+            settings,
+            auth_jwks_url=self._get("AUTH_JWKS_URL", defaults.auth_jwks_url, _jwks_url),
+            auth_issuer=self._get("AUTH_ISSUER", defaults.auth_issuer, _claim_text),
+            auth_audience=self._get("AUTH_AUDIENCE", defaults.auth_audience, _audiences),
+            auth_clock_skew_seconds=self._get(
+                "AUTH_CLOCK_SKEW_SECONDS", defaults.auth_clock_skew_seconds, _skew
+            ),
+            auth_jwks_cache_ttl_ms=self._get(
+                "AUTH_JWKS_CACHE_TTL_MS", defaults.auth_jwks_cache_ttl_ms, _milliseconds
+            ),
+            allow_unauthenticated=self._get(
+                "ALLOW_UNAUTHENTICATED", defaults.allow_unauthenticated, _boolean
+            ),
+            rate_limit_per_user=self._get(
+                "RATE_LIMIT_PER_USER", defaults.rate_limit_per_user, _limit
+            ),
+            rate_limit_per_address=self._get(
+                "RATE_LIMIT_PER_ADDRESS", defaults.rate_limit_per_address, _limit
+            ),
+            ws_connects_per_address_per_min=self._get(
+                "WS_CONNECTS_PER_ADDRESS_PER_MIN", defaults.ws_connects_per_address_per_min, _limit
+            ),
+        )
+
+    def _check_exposure(self, settings: Settings) -> None:
+        # Without authentication anyone who reaches the port acts as any user: only loopback
+        # keeps that to this machine, unless the operator says in so many words it is fine.
+        if (
+            self._raw("AUTH_JWKS_URL") is None
+            and not settings.allow_unauthenticated
+            and not is_loopback_host(settings.host)
+        ):
+            self._problems.append(
+                f"HOST {settings.host!r} is not a loopback address and AUTH_JWKS_URL is unset, "
+                "so anyone who reaches the port could act as any user: set AUTH_JWKS_URL, "
+                "or ALLOW_UNAUTHENTICATED=true to accept that"
+            )
 
 
 class _Invalid(ValueError):
@@ -302,6 +365,66 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
         return raw.lower()
 
     return parse
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only: a loopback
+    IP address (127.0.0.0/8, ::1) or ``localhost``. Any other name counts as reachable."""
+    name = host.strip().lower().removeprefix("[").removesuffix("]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _jwks_url(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+        hostname = parts.hostname
+    except ValueError:
+        parts, hostname = None, None
+    if parts is None or not hostname or parts.scheme not in ("https", "http"):
+        raise _Invalid(f"{name} must be an https:// URL with a host, got {raw!r}")
+    # The keys decide who anyone is: fetched in clear text, anyone on the path could swap them.
+    if parts.scheme == "http" and not is_loopback_host(hostname):
+        raise _Invalid(f"{name} must use https:// (http:// only for a loopback host), got {raw!r}")
+    return raw
+
+
+def _claim_text(name: str, raw: str) -> str:
+    if not all(ch.isprintable() for ch in raw):
+        raise _Invalid(f"{name} must be printable text, got {raw!r}")
+    return raw
+
+
+def _audiences(name: str, raw: str) -> tuple[str, ...]:
+    audiences: list[str] = []
+    for item in raw.split(","):
+        audience = item.strip()
+        if not audience or not audience.isprintable():
+            raise _Invalid(f"{name} must be comma-separated audience values, got {item!r}")
+        if audience not in audiences:
+            audiences.append(audience)
+    return tuple(audiences)
+
+
+def _skew(name: str, raw: str) -> int:
+    return _integer(name, raw, 0, 600, "a whole number of seconds from 0 to 600")
+
+
+def _limit(name: str, raw: str) -> int:
+    return _integer(name, raw, 0, 1_000_000, "an integer from 0 (off) to 1000000")
+
+
+def _boolean(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise _Invalid(f"{name} must be true or false, got {raw!r}")
 
 
 def _default_data_dir(values: Mapping[str, str]) -> Path:

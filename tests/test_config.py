@@ -37,6 +37,15 @@ def test_defaults_match_the_design_table() -> None:
         shutdown_grace_ms=10000,
         log_level="info",
         log_format="text",
+        auth_jwks_url=None,
+        auth_issuer=None,
+        auth_audience=(),
+        auth_clock_skew_seconds=30,
+        auth_jwks_cache_ttl_ms=300000,
+        allow_unauthenticated=False,
+        rate_limit_per_user=20,
+        rate_limit_per_address=100,
+        ws_connects_per_address_per_min=120,
     )
     assert settings.describe_database() == (
         "embedded PostgreSQL in /home/alice/.local/share/tickguard"
@@ -72,6 +81,7 @@ def test_values_are_parsed_and_normalised() -> None:
         SHUTDOWN_GRACE_MS="1",
         LOG_LEVEL="DEBUG",
         LOG_FORMAT="Json",
+        ALLOW_UNAUTHENTICATED="true",
     )
     assert settings.port == 9000
     assert settings.host == "0.0.0.0"
@@ -143,6 +153,21 @@ BAD_VALUES = [
     ("SHUTDOWN_GRACE_MS", "-1"),
     ("LOG_LEVEL", "verbose"),
     ("LOG_FORMAT", "xml"),
+    ("AUTH_JWKS_URL", "idp.example.com/jwks.json"),
+    ("AUTH_JWKS_URL", "ftp://idp.example.com/jwks.json"),
+    ("AUTH_JWKS_URL", "https:///jwks.json"),
+    ("AUTH_JWKS_URL", "http://idp.example.com/jwks.json"),
+    ("AUTH_ISSUER", "https://idp\x00.example.com"),
+    ("AUTH_AUDIENCE", "api,,web"),
+    ("AUTH_AUDIENCE", "api,\tweb\x01"),
+    ("AUTH_CLOCK_SKEW_SECONDS", "-1"),
+    ("AUTH_CLOCK_SKEW_SECONDS", "601"),
+    ("AUTH_JWKS_CACHE_TTL_MS", "0"),
+    ("ALLOW_UNAUTHENTICATED", "maybe"),
+    ("RATE_LIMIT_PER_USER", "-1"),
+    ("RATE_LIMIT_PER_USER", "2.5"),
+    ("RATE_LIMIT_PER_ADDRESS", "lots"),
+    ("WS_CONNECTS_PER_ADDRESS_PER_MIN", "1000001"),
 ]
 
 
@@ -256,3 +281,54 @@ def test_env_example_lists_exactly_the_known_variables_with_their_defaults() -> 
     assert list(values) == list(KNOWN_VARIABLES)
     # The example must load, and loading it must give the defaults.
     assert load_settings({"HOME": "/home/alice"}, env_file=ENV_EXAMPLE) == load()
+
+
+def test_identity_and_rate_limit_values_are_parsed() -> None:
+    settings = load(
+        AUTH_JWKS_URL="https://idp.example.com/.well-known/jwks.json",
+        AUTH_ISSUER="https://idp.example.com/",
+        AUTH_AUDIENCE=" tickguard , web,tickguard",
+        AUTH_CLOCK_SKEW_SECONDS="0",
+        AUTH_JWKS_CACHE_TTL_MS="60000",
+        ALLOW_UNAUTHENTICATED="TRUE",
+        RATE_LIMIT_PER_USER="0",
+        RATE_LIMIT_PER_ADDRESS="5",
+        WS_CONNECTS_PER_ADDRESS_PER_MIN="0",
+    )
+    assert settings.auth_jwks_url == "https://idp.example.com/.well-known/jwks.json"
+    assert settings.auth_issuer == "https://idp.example.com/"
+    assert settings.auth_audience == ("tickguard", "web")
+    assert (settings.auth_clock_skew_seconds, settings.auth_jwks_cache_ttl_ms) == (0, 60000)
+    assert settings.allow_unauthenticated is True
+    assert (settings.rate_limit_per_user, settings.rate_limit_per_address) == (0, 5)
+    assert settings.ws_connects_per_address_per_min == 0
+    assert load(ALLOW_UNAUTHENTICATED="no").allow_unauthenticated is False
+    # Plain http is for a JWKS server on this machine only (tests, the dev provider).
+    assert load(AUTH_JWKS_URL="http://127.0.0.1:9/jwks").auth_jwks_url == "http://127.0.0.1:9/jwks"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "tickguard.example.com"])
+def test_a_non_loopback_host_without_auth_is_refused_in_one_line(host: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(HOST=host)
+    assert len(caught.value.problems) == 1
+    line = caught.value.problems[0]
+    assert "\n" not in line
+    assert line.startswith("HOST ")
+    assert "AUTH_JWKS_URL" in line
+    assert "ALLOW_UNAUTHENTICATED=true" in line
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"])
+def test_a_loopback_host_needs_no_auth(host: str) -> None:
+    assert load(HOST=host).host == host
+
+
+def test_a_non_loopback_host_is_allowed_with_auth_or_said_out_loud() -> None:
+    with_auth = load(HOST="0.0.0.0", AUTH_JWKS_URL="https://idp.example.com/jwks.json")
+    assert with_auth.host == "0.0.0.0"
+    assert load(HOST="0.0.0.0", ALLOW_UNAUTHENTICATED="true").allow_unauthenticated is True
+    # A bad AUTH_JWKS_URL is reported once, as itself, not also as "unset".
+    with pytest.raises(ConfigError) as caught:
+        load(HOST="0.0.0.0", AUTH_JWKS_URL="idp.example.com")
+    assert [p.split()[0] for p in caught.value.problems] == ["AUTH_JWKS_URL"]

@@ -126,7 +126,7 @@ def test_readme_commands_are_the_cli_commands() -> None:
         for snippet in re.findall(r"`(tickguard[^`]*)`", cells[0])
     }
     subcommands = {words[0] for words in commands if words and not words[0].startswith("-")}
-    assert subcommands == {"serve", "migrate", "db", "sim"}
+    assert subcommands == {"serve", "migrate", "db", "sim", "dev-token"}
     usage = _tickguard("--help")
     assert usage.returncode == 0, usage.stderr
     for name in subcommands:
