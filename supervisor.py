@@ -14,8 +14,9 @@ Reading this file should explain the program. Inside one ``trio.run``:
 
 Start order is the list above; on SIGINT/SIGTERM the stop order is web (stop accepting),
 feed, engines (hand over what they triggered), persistence (drain, bounded by
-SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products. The supervisor owns every mailbox and
-window slot, so a restarted actor finds the same inbox and nobody else learns of the restart.
+SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products. The supervisor owns every
+mailbox and window slot, so a restarted actor finds the same inbox and nobody else learns of
+the restart.
 """
 
 from __future__ import annotations

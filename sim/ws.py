@@ -126,9 +126,10 @@ async def serve_session(
         return
     protocol = handshake.connection
     assert protocol is not None
-    if not await _send_quietly(stream, accept):
-        return
     conn = Connection(next(sim.connection_ids), stream, protocol)
+    # The 101 goes first through the writer: whatever is sent once the session is registered
+    # follows it on the wire.
+    conn.enqueue(accept)
     sim.connections[conn.id] = conn
     sim.counters["connections_accepted"] += 1
     sim.touch()
