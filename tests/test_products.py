@@ -118,6 +118,7 @@ def named_in_subscribes(sim: Simulator, symbol: str) -> bool:
     return symbol in str([m for m in sim.received if m["type"] == "subscribe"])
 
 
+@pytest.mark.slow
 async def test_made_up_symbols_never_reach_the_feed_and_state_stays_small(db: Database):
     async with (
         open_simulator(PRODUCTS, heartbeat_interval=0.2) as sim,

@@ -569,3 +569,14 @@ def test_default_walk_crosses_a_five_basis_point_bracket_within_two_minutes():
         walk = paths.walk(start, seed=seed, max_steps=50)
         stuck += all(abs(next(walk) - start) < band for _ in range(600))
     assert stuck > 25
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_pre_encoded_frames_are_wsprotos_frames(length):
+    from wsproto.frame_protocol import FrameProtocol
+
+    from tickguard.sim import encode_frame
+
+    text = "é" * (length // 2) + "x" * (length % 2)
+    expected = bytes(FrameProtocol(client=False, extensions=[]).send_data(text, fin=True))
+    assert encode_frame(text) == encode_frame(text.encode()) == expected
