@@ -29,6 +29,8 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "CORS_ORIGIN",
     "COINBASE_WS_URL",
     "COINBASE_PRODUCTS",
+    "COINBASE_REST_URL",
+    "PRODUCTS_REFRESH_S",
     "WS_RECONNECT_BASE_MS",
     "WS_RECONNECT_MAX_MS",
     "WS_HEARTBEAT_TIMEOUT_MS",
@@ -100,6 +102,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ("http://localhost:5173",)
     coinbase_ws_url: str = "wss://ws-feed.exchange.coinbase.com"
     coinbase_products: tuple[str, ...] = ("BTC-USD",)
+    coinbase_rest_url: str = "https://api.exchange.coinbase.com"
+    products_refresh_s: int = 3600
     ws_reconnect_base_ms: int = 1000
     ws_reconnect_max_ms: int = 30000
     ws_heartbeat_timeout_ms: int = 5000
@@ -182,6 +186,10 @@ class _Reader:
             cors_origins=self._get("CORS_ORIGIN", defaults.cors_origins, _origins),
             coinbase_ws_url=self._get("COINBASE_WS_URL", defaults.coinbase_ws_url, _ws_url),
             coinbase_products=self._get("COINBASE_PRODUCTS", defaults.coinbase_products, _products),
+            coinbase_rest_url=self._get("COINBASE_REST_URL", defaults.coinbase_rest_url, _http_url),
+            products_refresh_s=self._get(
+                "PRODUCTS_REFRESH_S", defaults.products_refresh_s, _refresh_seconds
+            ),
             ws_reconnect_base_ms=base,
             ws_reconnect_max_ms=most,
             ws_heartbeat_timeout_ms=self._get(
@@ -343,6 +351,28 @@ def _ws_url(name: str, raw: str) -> str:
     if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise _Invalid(f"{name} must be a ws:// or wss:// URL with a host, got {raw!r}")
     return raw
+
+
+def _http_url(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+    ):
+        raise _Invalid(
+            f"{name} must be an http:// or https:// URL with a host (no query), got {raw!r}"
+        )
+    return raw.rstrip("/")
+
+
+def _refresh_seconds(name: str, raw: str) -> int:
+    return _integer(name, raw, 1, _MAX_MS // 1000, "a whole number of seconds from 1 to 86400")
 
 
 def _products(name: str, raw: str) -> tuple[str, ...]:

@@ -8,13 +8,15 @@ Reading this file should explain the program. Inside one ``trio.run``:
         persistence   the only writer; commits, then publishes to fanout, then Track/Untrack
         fanout        WebSocket sessions and their bounded queues
         feed          one Coinbase connection; merges tickers into each symbol's WindowSlot
+        products      Coinbase's product list (REST), re-read hourly; web checks symbols on it
         engines       a nested supervisor: one engine per symbol, started on demand
         web           hypercorn serving the quart-trio app (REST + /ws)
 
 Start order is the list above; on SIGINT/SIGTERM the stop order is web (stop accepting),
 feed, engines (hand over what they triggered), persistence (drain, bounded by
-SHUTDOWN_GRACE_MS), fanout (close sessions with 1001). The supervisor owns every mailbox and
-window slot, so a restarted actor finds the same inbox and nobody else learns of the restart.
+SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products. The supervisor owns every
+mailbox and window slot, so a restarted actor finds the same inbox and nobody else learns of
+the restart.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import attrs
 import trio
 
-from tickguard.actors import engine, fanout, feed, persistence
+from tickguard.actors import engine, fanout, feed, persistence, products
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Track, Untrack
@@ -139,6 +141,7 @@ class Tree:
     engines: EngineDirectory
     app: Any
     urls: list[str]  # where web listens, once it started (port 0 picks a free port)
+    catalog: products.ProductCatalog = attrs.field(factory=products.ProductCatalog)
 
 
 def feed_config(settings: Settings) -> feed.FeedConfig:
@@ -171,6 +174,7 @@ def build_tree(
     fanout_box: Mailbox[Any] = Mailbox("fanout")
     feed_box: Mailbox[Any] = Mailbox("feed")
     feed_status = feed.FeedStatus()
+    catalog = products.ProductCatalog()
     # The actors write these counters and /metrics reads them; they outlive actor restarts.
     persistence_stats = persistence.PersistenceStats()
     fanout_config = fanout_config or fanout.FanoutConfig()
@@ -183,6 +187,7 @@ def build_tree(
             fanout=fanout_box,
             feed=feed_box,
             feed_status=feed_status,
+            catalog=catalog,
             slots=slots,
             metrics=MetricsSources(engines.stats, persistence_stats, fanout_config.stats),
         )
@@ -220,6 +225,14 @@ def build_tree(
             ),
             mailboxes=(feed_box,),
         ),
+        ChildSpec(
+            "products",
+            functools.partial(
+                products.run,
+                products.CatalogConfig(settings.coinbase_rest_url, settings.products_refresh_s),
+                catalog,
+            ),
+        ),
         ChildSpec("engines", engines.supervisor.run, graceful=True, grace_s=grace_s),
         ChildSpec(
             "web",
@@ -229,7 +242,7 @@ def build_tree(
         ),
     ]
     supervisor = Supervisor(
-        children, policy, stop_order=["web", "feed", "engines", "persistence", "fanout"]
+        children, policy, stop_order=["web", "feed", "engines", "persistence", "fanout", "products"]
     )
     return Tree(
         settings,
@@ -243,6 +256,7 @@ def build_tree(
         engines,
         app,
         urls,
+        catalog,
     )
 
 

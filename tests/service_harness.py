@@ -31,6 +31,7 @@ def service_settings(sim: Simulator, **changes: Any) -> Settings:
         port=0,
         database_url="postgresql://unused",  # the tree gets the test's Database directly
         coinbase_ws_url=sim.url,
+        coinbase_rest_url=sim.rest_url,  # the simulator serves GET /products too
         coinbase_products=("BTC-USD",),
         ws_reconnect_base_ms=20,
         ws_reconnect_max_ms=200,

@@ -75,6 +75,8 @@ def _environment(data_dir: Path, port: int, feed_url: str) -> dict[str, str]:
         "TICKGUARD_DATA_DIR": str(data_dir),
         "PORT": str(port),
         "COINBASE_WS_URL": feed_url,
+        # The simulator serves the product list on the feed's port.
+        "COINBASE_REST_URL": feed_url.replace("ws://", "http://", 1),
         "COINBASE_PRODUCTS": "BTC-USD",
         "WS_RECONNECT_BASE_MS": "100",
         "WS_RECONNECT_MAX_MS": "500",

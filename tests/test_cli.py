@@ -30,6 +30,7 @@ def environment(data_dir: Path, **extra: str) -> dict[str, str]:
         TICKGUARD_DATA_DIR=str(data_dir),
         # Nothing listens there: the service must start and serve without a feed.
         COINBASE_WS_URL="ws://127.0.0.1:9",
+        COINBASE_REST_URL="http://127.0.0.1:9",
         WS_RECONNECT_BASE_MS="100",
         WS_RECONNECT_MAX_MS="500",
         SHUTDOWN_GRACE_MS="5000",

@@ -30,6 +30,8 @@ def test_defaults_match_the_design_table() -> None:
         cors_origins=("http://localhost:5173",),
         coinbase_ws_url="wss://ws-feed.exchange.coinbase.com",
         coinbase_products=("BTC-USD",),
+        coinbase_rest_url="https://api.exchange.coinbase.com",
+        products_refresh_s=3600,
         ws_reconnect_base_ms=1000,
         ws_reconnect_max_ms=30000,
         ws_heartbeat_timeout_ms=5000,
@@ -74,6 +76,8 @@ def test_values_are_parsed_and_normalised() -> None:
         CORS_ORIGIN="HTTPS://App.Example.com, http://localhost:5173,http://[::1]:3000",
         COINBASE_WS_URL="ws://127.0.0.1:9999/feed",
         COINBASE_PRODUCTS="eth-usd, BTC-USD,eth-usd",
+        COINBASE_REST_URL="http://127.0.0.1:9999/",
+        PRODUCTS_REFRESH_S="60",
         WS_RECONNECT_BASE_MS="250",
         WS_RECONNECT_MAX_MS="250",
         WS_HEARTBEAT_TIMEOUT_MS="60000",
@@ -91,6 +95,9 @@ def test_values_are_parsed_and_normalised() -> None:
         "http://[::1]:3000",
     )
     assert settings.coinbase_products == ("ETH-USD", "BTC-USD")
+    # The trailing slash goes: paths are appended to it ("/products").
+    assert settings.coinbase_rest_url == "http://127.0.0.1:9999"
+    assert settings.products_refresh_s == 60
     assert (settings.ws_reconnect_base_ms, settings.ws_reconnect_max_ms) == (250, 250)
     assert settings.ws_heartbeat_timeout_ms == 60000
     assert settings.max_open_positions_per_user == 1
@@ -143,6 +150,12 @@ BAD_VALUES = [
     ("COINBASE_PRODUCTS", "BTCUSD"),
     ("COINBASE_PRODUCTS", "BTC-USD,,ETH-USD"),
     ("COINBASE_PRODUCTS", "BTC-USD-X"),
+    ("COINBASE_REST_URL", "wss://api.exchange.coinbase.com"),
+    ("COINBASE_REST_URL", "https://"),
+    ("COINBASE_REST_URL", "https://api.exchange.coinbase.com/?x=1"),
+    ("PRODUCTS_REFRESH_S", "0"),
+    ("PRODUCTS_REFRESH_S", "1.5"),
+    ("PRODUCTS_REFRESH_S", "86401"),
     ("WS_RECONNECT_BASE_MS", "0"),
     ("WS_RECONNECT_BASE_MS", "-5"),
     ("WS_RECONNECT_MAX_MS", "1.5"),

@@ -86,6 +86,7 @@ async def tickguard_process(
         "HOST": "127.0.0.1",
         "DATABASE_URL": database_url,
         "COINBASE_WS_URL": sim.url,
+        "COINBASE_REST_URL": sim.rest_url,
         "COINBASE_PRODUCTS": "BTC-USD",
         "WS_RECONNECT_BASE_MS": "20",
         "WS_RECONNECT_MAX_MS": "200",

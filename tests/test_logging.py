@@ -410,6 +410,7 @@ async def test_serve_with_json_logs_writes_nothing_but_json_lines(
             "DATABASE_URL": database_url,
             "PORT": str(port),
             "COINBASE_WS_URL": sim.url,
+            "COINBASE_REST_URL": sim.rest_url,
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "debug",
         }

@@ -78,6 +78,8 @@ def test_readme_configuration_defaults_are_the_code_defaults() -> None:
         "CORS_ORIGIN": ",".join(s.cors_origins),
         "COINBASE_WS_URL": s.coinbase_ws_url,
         "COINBASE_PRODUCTS": ",".join(s.coinbase_products),
+        "COINBASE_REST_URL": s.coinbase_rest_url,
+        "PRODUCTS_REFRESH_S": str(s.products_refresh_s),
         "WS_RECONNECT_BASE_MS": str(s.ws_reconnect_base_ms),
         "WS_RECONNECT_MAX_MS": str(s.ws_reconnect_max_ms),
         "WS_HEARTBEAT_TIMEOUT_MS": str(s.ws_heartbeat_timeout_ms),

@@ -12,6 +12,7 @@ import attrs
 from flask.sansio.app import App
 
 from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.products import ProductCatalog
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
 from tickguard.storage import Database
@@ -41,7 +42,8 @@ class AppServices:
 
     ``persistence`` takes ``CreateRequest``/``CloseRequest``; ``fanout`` takes the
     ``Join``/``Leave`` of WebSocket sessions; ``feed`` (None until the feed actor is wired)
-    takes subscribe requests; ``slots`` hold each symbol's last price. ``request_timeout``
+    takes subscribe requests; ``catalog`` (None: not wired) is Coinbase's product list, checked
+    before the feed; ``slots`` hold each symbol's last price. ``request_timeout``
     bounds each wait for an actor's answer (then 503).
     """
 
@@ -51,6 +53,7 @@ class AppServices:
     fanout: Mailbox[Any]
     feed: Mailbox[Any] | None = None
     feed_status: FeedStatus | None = None
+    catalog: ProductCatalog | None = None
     slots: WindowSlots = attrs.field(factory=WindowSlots)
     metrics: Any = None
     ws_stats: WsStats = attrs.field(factory=WsStats)

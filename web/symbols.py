@@ -1,8 +1,10 @@
 """Subscribe-on-create: the feed must know a symbol before a position on it is stored.
 
-``ensure_symbol`` is the single place where the create handler asks the feed about a symbol
-(API.md "Beyond": wait at most 3 s for Coinbase's answer). It is wired by the lead together
-with the feed actor.
+``ensure_symbol`` is the single place where the create handler checks a symbol: first against
+Coinbase's product list (the catalog, ``actors/products.py``), so that a made-up symbol never
+reaches the feed (no subscribe, no per-product state, no log line); then it asks the feed
+(API.md "Beyond": wait at most 3 s for Coinbase's answer). While the list has never been read,
+the feed's answer alone decides, as before the catalog existed.
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ log = logging.getLogger("tickguard.web")
 async def ensure_symbol(services: AppServices, symbol: str) -> None:
     """Make sure the feed watches ``symbol`` before a position on it is created.
 
-    Raises ``SymbolRejected`` when Coinbase says the product does not exist. Returns normally
-    when the feed accepted it, or is unreachable or slow (the position is then created and the
-    symbol watched once the feed answers). Never raises for a feed outage.
+    Raises ``SymbolRejected`` when Coinbase's product list does not name it (without asking
+    the feed) or when the feed's subscription is refused. Returns normally when the feed
+    accepted it, or is unreachable or slow (the position is then created and the symbol
+    watched once the feed answers). Never raises for a feed or REST outage.
     """
+    catalog = services.catalog
+    if catalog is not None and catalog.known(symbol) is False:
+        raise SymbolRejected(symbol, f"{symbol} is not in Coinbase's product list")
     if services.feed is None:
         return
     try:
