@@ -213,7 +213,8 @@ def test_every_variable_has_a_bad_value_case() -> None:
     ],
 )
 def test_host_takes_a_name_or_an_ip_literal(value: str, bound: str) -> None:
-    assert load(HOST=value).host == bound
+    # Non-loopback hosts need ALLOW_UNAUTHENTICATED without auth (tested on its own below).
+    assert load(HOST=value, ALLOW_UNAUTHENTICATED="true").host == bound
 
 
 @pytest.mark.parametrize("value", ["localhost:80", "[::1]:8080"])
@@ -334,7 +335,7 @@ def test_a_non_loopback_host_without_auth_is_refused_in_one_line(host: str) -> N
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"])
 def test_a_loopback_host_needs_no_auth(host: str) -> None:
-    assert load(HOST=host).host == host
+    assert load(HOST=host).host == host.strip("[]")  # brackets dropped (see HOST's own test)
 
 
 def test_a_non_loopback_host_is_allowed_with_auth_or_said_out_loud() -> None:
