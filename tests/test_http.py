@@ -22,7 +22,7 @@ from web_harness import (
 from tickguard.actors.feed import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
-from tickguard.actors.wire import loads, position_to_json
+from tickguard.actors.wire import dumps, loads, position_to_json
 from tickguard.storage import Database
 from tickguard.web import routes
 from tickguard.web.app import AppServices, create_app
@@ -210,11 +210,16 @@ async def test_create_rejects_each_bad_field(
         "10000000000",
         "1E+400",
         "1e-9",
-        "65000.123456789",
-        '"65000.123456789"',
+        "0.0000000049999",
+        "9999999999.999999995",
+        '"9999999999.999999995"',
         '"1e10"',
+        '"1e2"',  # strings are plain notation; numbers may carry an exponent
+        '" 42.25 "',
+        '"0.000000001"',
         "0.000000001",
         "-0.5",
+        "1.000000000000000000000000000001",  # 31 significant digits
     ],
 )
 async def test_create_rejects_prices_outside_numeric_18_8(db: Database, text: str) -> None:
@@ -234,7 +239,16 @@ async def test_create_rejects_prices_outside_numeric_18_8(db: Database, text: st
         ("0.00000001", "0.00000001"),
         ("1.100000000", "1.1"),
         ("1E+2", "100"),
-        ('" 42.25 "', "42.25"),
+        ("1.2345e3", "1234.5"),
+        # Float noise from the app's JavaScript: rounded half away from zero to 8 places.
+        ("64444.06724999999", "64444.06725"),
+        ('"64444.06724999999"', "64444.06725"),
+        ("65000.123456789", "65000.12345679"),
+        ('"65000.123456785"', "65000.12345679"),
+        ("0.000000005", "0.00000001"),
+        ("9999999999.999999994999", "9999999999.99999999"),
+        ("1.00000000000000000000000000001", "1"),  # 30 significant digits
+        ('"0065000.50000"', "65000.5"),
     ],
 )
 async def test_create_accepts_exact_prices(db: Database, text: str, stored: str) -> None:
@@ -502,7 +516,7 @@ async def test_openapi_documents_every_route_and_error(db: Database) -> None:
 
     async with running_app(services) as url, httpx.AsyncClient(base_url=url) as client:
         spec = (await client.get("/openapi.json")).json()
-    assert spec == json.loads(json.dumps(document()))
+    assert spec == json.loads(dumps(document()))
     create = spec["paths"]["/api/positions"]["post"]
     assert {"201", "400", "404", "405", "413", "500", "503"} <= set(create["responses"])
     close = spec["paths"]["/api/positions/{id}/close"]["post"]
