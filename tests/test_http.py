@@ -548,3 +548,15 @@ def test_bracket_messages_are_the_compatible_ones() -> None:
     assert routes.bracket_error("long", Decimal(10), Decimal(10), None) == routes.LONG_TP
     assert routes.bracket_error("short", Decimal(10), None, Decimal(10)) == routes.SHORT_SL
     assert routes.bracket_error("long", Decimal(10), Decimal(11), Decimal(9)) is None
+
+
+async def test_a_doubled_slash_is_a_json_404_not_an_html_redirect(db: Database) -> None:
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        answers = [
+            await client.get(path, params={"userId": USER})
+            for path in ("/assets//x", "/assets//index.js", "/api//positions", "//health")
+        ]
+    for response in answers:
+        assert response.status_code == 404, (response.url, response.status_code, response.text)
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert isinstance(response.json()["error"], str)
