@@ -381,6 +381,41 @@ async def test_idempotency_key_replays_the_first_position(db: Database) -> None:
     assert len(listing.json()["data"]) == 1
 
 
+async def test_an_idempotency_key_reused_with_another_body_is_a_422(db: Database) -> None:
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        headers = {"Idempotency-Key": "order-18"}
+        first = await client.post("/api/positions", json=_long(), headers=headers)
+        # The same request written differently (string price, lower-case symbol) is a replay.
+        same = await client.post(
+            "/api/positions",
+            json=_long(entryPrice="65000.000", symbol="btc-usd"),
+            headers=headers,
+        )
+        other = await client.post("/api/positions", json=_long(takeProfit=71000), headers=headers)
+        listing = await client.get("/api/positions", params={"userId": USER})
+    assert first.status_code == 201
+    assert same.status_code == 201 and same.headers["Idempotent-Replayed"] == "true"
+    assert same.json()["data"]["id"] == first.json()["data"]["id"]
+    assert other.status_code == 422
+    assert isinstance(other.json()["error"], str) and "Idempotency-Key" in other.json()["details"]
+    assert len(listing.json()["data"]) == 1
+
+
+async def test_a_create_says_when_the_feed_does_not_watch_the_symbol_live(db: Database) -> None:
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        status = stack.services.feed_status
+        assert isinstance(status, FeedStatus)
+        unknown = await client.post("/api/positions", json=_long())
+        status.product("BTC-USD").state = "stale"
+        stale = await client.post("/api/positions", json=_long())
+        status.product("BTC-USD").state = "live"
+        live = await client.post("/api/positions", json=_long())
+    assert unknown.status_code == stale.status_code == live.status_code == 201
+    assert unknown.headers["X-Feed-Status"] == "connecting"
+    assert stale.headers["X-Feed-Status"] == "stale"
+    assert "X-Feed-Status" not in live.headers
+
+
 async def test_open_position_cap_is_a_400(db: Database) -> None:
     settings = make_settings(max_open_positions_per_user=1)
     async with (
@@ -443,6 +478,46 @@ async def test_list_pages_with_cursor_and_validates_query(db: Database) -> None:
         assert response.status_code == 400, response.text
         assert isinstance(response.json()["error"], str)
     assert len(opened.json()["data"]) == 3 and closed.json() == {"data": []}
+
+
+async def test_a_list_without_limit_is_the_whole_list(db: Database) -> None:
+    from tickguard.actors.messages import NewPosition
+    from tickguard.storage import positions as store
+
+    many = [
+        NewPosition(USER, "BTC-USD", "long", Decimal(65000), None, None) for _ in range(600)
+    ]
+    await store.create_positions(db, many, max_open_per_user=1000)
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        whole = await client.get("/api/positions", params={"userId": USER})
+        opened = await client.get("/api/positions", params={"userId": USER, "status": "open"})
+        paged = await client.get("/api/positions", params={"userId": USER, "limit": 1000})
+        small = await client.get("/api/positions", params={"userId": USER, "limit": 250})
+    # The old backend's React client never pages: without limit it gets every row (up to
+    # schemas.LIST_BOUND, tested on storage), and no cursor.
+    assert len(whole.json()["data"]) == 600 and "nextCursor" not in whole.json()
+    assert len(opened.json()["data"]) == 600
+    assert len(paged.json()["data"]) == 600 and "nextCursor" not in paged.json()
+    assert len(small.json()["data"]) == 250 and "nextCursor" in small.json()
+
+
+async def test_a_forged_cursor_is_a_400(db: Database) -> None:
+    import base64
+    import uuid
+
+    forged = base64.b64encode(f"0001-01-01T00:00:00+14:00|{uuid.uuid4()}".encode()).decode()
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        answers = [
+            await client.get(path, params={"userId": USER, "cursor": cursor})
+            for path in ("/api/positions", "/api/positions/closed")
+            for cursor in (forged, forged.rstrip("="), "1." + "z" * 32, "x" * 600)
+        ]
+    for response in answers:
+        assert response.status_code == 400, response.text
+        assert response.json() == {
+            "error": "cursor is not valid.",
+            "details": {"cursor": "cursor is not valid."},
+        }
 
 
 async def test_close_then_read_back_and_the_error_order(db: Database) -> None:
