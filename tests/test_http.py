@@ -484,9 +484,7 @@ async def test_a_list_without_limit_is_the_whole_list(db: Database) -> None:
     from tickguard.actors.messages import NewPosition
     from tickguard.storage import positions as store
 
-    many = [
-        NewPosition(USER, "BTC-USD", "long", Decimal(65000), None, None) for _ in range(600)
-    ]
+    many = [NewPosition(USER, "BTC-USD", "long", Decimal(65000), None, None) for _ in range(600)]
     await store.create_positions(db, many, max_open_per_user=1000)
     async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
         whole = await client.get("/api/positions", params={"userId": USER})

@@ -267,9 +267,7 @@ async def test_pagination_walks_every_row_once(db: Database) -> None:
 async def test_closed_list_pages_by_close_time_and_a_list_bound_sets_the_cursor(
     db: Database,
 ) -> None:
-    created, _ = await store.create_positions(
-        db, [new() for _ in range(5)], max_open_per_user=100
-    )
+    created, _ = await store.create_positions(db, [new() for _ in range(5)], max_open_per_user=100)
     ids = [r.position.id for r in created]
     for pid in ids:
         await store.close_positions(

@@ -210,8 +210,9 @@ KINDS: dict[Any, Kind] = {
             "type": "string",
             "minLength": 1,
             "maxLength": USER_ID_MAX,
-            # Control characters (Cc) and lone surrogates (Cs) are refused.
-            "pattern": r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+$",
+            # Control characters (Cc) are refused; so are lone surrogates (Cs), which are not
+            # Unicode scalar values at all, so a JSON Schema string cannot hold one to describe.
+            "pattern": r"^[^\x00-\x1f\x7f-\x9f]+$",
         },
     ),
     Symbol: Kind(
