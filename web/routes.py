@@ -124,11 +124,12 @@ async def ready() -> Response:
 
 
 def fingerprint(body: CreatePosition) -> str:
-    """sha256 of the create request as structured (so ``"65000.0"`` and ``65000`` are the same
-    body): what an Idempotency-Key replay must match."""
-    fields = (body.user_id, body.symbol, body.side, body.entry_price, body.take_profit)
-    text = "|".join("" if v is None else str(v) for v in (*fields, body.stop_loss))
-    return hashlib.sha256(text.encode()).hexdigest()
+    """sha256 of the create request as structured, prices in canonical form (so ``"65000.0"``
+    and ``65000`` are the same body): what an Idempotency-Key replay must match."""
+    parts = [body.user_id, body.symbol, body.side]
+    for price in (body.entry_price, body.take_profit, body.stop_loss):
+        parts.append("" if price is None else format(price.normalize(), "f"))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 # The feed states of /ready in which nothing watches a symbol's price yet.

@@ -127,23 +127,10 @@ def _symbol(raw: Any) -> str:
 _ROUNDING = Context(prec=60, rounding=ROUND_HALF_UP)
 
 
-def round_price(value: Decimal) -> Decimal:
-    """``value`` rounded half away from zero to 8 places (as PostgreSQL's NUMERIC(18,8) does),
-    written without trailing zeros. ``value`` must be finite and below 10^10 in magnitude."""
-    rounded = value.quantize(PRICE_QUANTUM, context=_ROUNDING)
-    if rounded == rounded.to_integral_value():
-        return rounded.quantize(Decimal(1))
-    return rounded.normalize(_ROUNDING)
-
-
-def _significant_digits(value: Decimal) -> int:
-    digits = value.as_tuple().digits
-    return len(bytes(digits).rstrip(b"\0")) or 1
-
-
 def _price(raw: Any) -> Decimal:
     """A JSON number (Decimal or int, never a float) or a string matching ``PRICE_PATTERN``,
-    rounded to 8 places, then checked to be > 0 and < 10^10."""
+    rounded half away from zero to 8 places (as PostgreSQL's NUMERIC(18,8) does), then checked
+    to be > 0 and < 10^10."""
     if isinstance(raw, bool) or not isinstance(raw, (int, Decimal, str)):
         # bool first: it is an int in Python, but `true` is not a price.
         raise FieldError("must be a number or a decimal string.")
@@ -154,19 +141,22 @@ def _price(raw: Any) -> Decimal:
                 "integer digits and 20 decimal places, that rounds to 0.00000001 to "
                 "9999999999.99999999."
             )
-        value = Decimal(raw)
-    else:
-        value = Decimal(raw)
+    value = Decimal(raw)
     if not value.is_finite():
         raise FieldError("must be a finite number.")
-    if _significant_digits(value) > PRICE_DIGITS:
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    # Trailing zeros do not count (stripped only in the rare case they could matter).
+    if len(digits) > PRICE_DIGITS and len(bytes(digits).rstrip(b"\0")) > PRICE_DIGITS:
         raise FieldError(f"must have at most {PRICE_DIGITS} significant digits.")
     if value <= 0:
         raise FieldError("must be greater than 0.")
     # Compared exactly before rounding: an enormous exponent cannot overflow the quantize.
     if value >= PRICE_BELOW:
         raise FieldError("must be less than 10000000000 once rounded to 8 decimal places.")
-    rounded = round_price(value)
+    if exponent >= -PRICE_DECIMALS:
+        return value  # at most 8 places already: nothing to round
+    rounded = value.quantize(PRICE_QUANTUM, context=_ROUNDING)
     if rounded <= 0:
         raise FieldError("must be at least 0.00000001 once rounded to 8 decimal places.")
     return rounded
