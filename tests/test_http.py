@@ -405,13 +405,15 @@ async def test_a_create_says_when_the_feed_does_not_watch_the_symbol_live(db: Da
     async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
         status = stack.services.feed_status
         assert isinstance(status, FeedStatus)
-        unknown = await client.post("/api/positions", json=_long())
+        unknown = await client.post("/api/positions", json=_long(), headers={"Origin": TEST_ORIGIN})
         status.product("BTC-USD").state = "stale"
         stale = await client.post("/api/positions", json=_long())
         status.product("BTC-USD").state = "live"
         live = await client.post("/api/positions", json=_long())
     assert unknown.status_code == stale.status_code == live.status_code == 201
     assert unknown.headers["X-Feed-Status"] == "connecting"
+    # The app in the browser can read it (a CORS response exposes only the listed headers).
+    assert "X-Feed-Status" in unknown.headers["Access-Control-Expose-Headers"]
     assert stale.headers["X-Feed-Status"] == "stale"
     assert "X-Feed-Status" not in live.headers
 
