@@ -54,6 +54,8 @@ class NewPosition:
     take_profit: Decimal | None
     stop_loss: Decimal | None
     idempotency_key: str | None = None
+    # sha256 of the request as sent (web.routes.fingerprint): a replay of the key must match.
+    fingerprint: str | None = None
 
 
 @attrs.frozen

@@ -8,11 +8,11 @@ writers. Closes are one atomic statement per batch (invariant 2): each id gets i
 
 from __future__ import annotations
 
-import base64
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -36,6 +36,15 @@ COLUMNS = (
     "close_reason, created_at, updated_at, closed_at, triggered_at"
 )
 P_COLUMNS = ", ".join(f"p.{c.strip()}" for c in COLUMNS.split(","))
+
+
+class IdempotencyKeyReused(Exception):
+    """The user's Idempotency-Key belongs to a position created from a different request body
+    (the IETF idempotency-key draft answers 422); nothing was written."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was used with a different request body.")
+        self.key = key
 
 
 class OpenPositionLimit(Exception):
@@ -138,9 +147,11 @@ async def create_positions(
 ) -> tuple[list[CreateResult | Exception], list[Event]]:
     """Insert positions (and their created events) in one transaction.
 
-    Returns one result per request, in order: a ``CreateResult`` or an ``OpenPositionLimit``
-    instance, and the events written. A request whose ``idempotency_key`` matches a committed
-    position of the same user returns that position with ``created=False``.
+    Returns one result per request, in order: a ``CreateResult``, an ``OpenPositionLimit`` or
+    an ``IdempotencyKeyReused`` instance, and the events written. A request whose
+    ``idempotency_key`` matches a committed position of the same user returns that position with
+    ``created=False`` when its ``fingerprint`` matches the first request's (or either is
+    unknown), and ``IdempotencyKeyReused`` otherwise.
     """
     return await db.transaction(_create, list(requests), max_open_per_user)
 
@@ -168,15 +179,17 @@ async def _create(
     )
     keyed = [(r.user_id, r.idempotency_key) for r in requests if r.idempotency_key]
     existing: dict[tuple[str, str], Position] = {}
+    prints: dict[tuple[str, str], str | None] = {}
     if keyed:
         rows = await conn.fetch(
-            f"""SELECT {COLUMNS}, idempotency_key FROM positions
+            f"""SELECT {COLUMNS}, idempotency_key, request_fingerprint FROM positions
                 WHERE (user_id, idempotency_key) IN
                       (SELECT * FROM unnest($1::text[], $2::text[]))""",
             [u for u, _ in keyed],
             [k for _, k in keyed],
         )
         existing = {(r["user_id"], r["idempotency_key"]): to_position(r) for r in rows}
+        prints = {(r["user_id"], r["idempotency_key"]): r["request_fingerprint"] for r in rows}
 
     results: list[CreateResult | Exception | None] = [None] * len(requests)
     accepted: list[tuple[int, NewPosition, uuid.UUID]] = []
@@ -184,7 +197,10 @@ async def _create(
     for i, request in enumerate(requests):
         key = (request.user_id, request.idempotency_key) if request.idempotency_key else None
         if key and key in existing:
-            results[i] = CreateResult(existing[key], created=False)
+            if _same_request(prints[key], request.fingerprint):
+                results[i] = CreateResult(existing[key], created=False)
+            else:
+                results[i] = IdempotencyKeyReused(key[1])
         elif key and key in new_by_key:
             continue  # same key twice in one batch: answered from the first below
         elif open_count[request.user_id] >= max_open:
@@ -200,9 +216,10 @@ async def _create(
         rows = await conn.fetch(
             f"""INSERT INTO positions
                   (id, user_id, symbol, side, entry_price, take_profit, stop_loss,
-                   idempotency_key)
+                   idempotency_key, request_fingerprint)
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                     $5::numeric[], $6::numeric[], $7::numeric[], $8::text[])
+                                     $5::numeric[], $6::numeric[], $7::numeric[], $8::text[],
+                                     $9::text[])
                 RETURNING {COLUMNS}""",
             [pid for _, _, pid in accepted],
             [r.user_id for _, r, _ in accepted],
@@ -212,6 +229,7 @@ async def _create(
             [r.take_profit for _, r, _ in accepted],
             [r.stop_loss for _, r, _ in accepted],
             [r.idempotency_key for _, r, _ in accepted],
+            [r.fingerprint for _, r, _ in accepted],
         )
         by_id = {row["id"]: to_position(row) for row in rows}
         for i, _, pid in accepted:
@@ -219,11 +237,21 @@ async def _create(
             created.append(by_id[pid])
     for i, request in enumerate(requests):
         if results[i] is None:  # a repeated key within the batch
-            first = results[new_by_key[(request.user_id, request.idempotency_key or "")]]
+            j = new_by_key[(request.user_id, request.idempotency_key or "")]
+            first = results[j]
             assert isinstance(first, CreateResult)
-            results[i] = CreateResult(first.position, created=False)
+            if _same_request(requests[j].fingerprint, request.fingerprint):
+                results[i] = CreateResult(first.position, created=False)
+            else:
+                results[i] = IdempotencyKeyReused(request.idempotency_key or "")
     events = await _write_events(conn, [("position.created", "api", p) for p in created])
     return [r for r in results if r is not None], events
+
+
+def _same_request(first: str | None, again: str | None) -> bool:
+    """Whether a replay matches the first request; a row from before fingerprints (None)
+    replays as it always did."""
+    return first is None or again is None or first == again
 
 
 # --- closes ------------------------------------------------------------------------------------
@@ -310,9 +338,14 @@ async def _close(
 # --- reads -------------------------------------------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR = re.compile(r"([0-9]{1,16})\.([0-9a-f]{32})")
+
+
 def _encode_cursor(moment: datetime, position_id: uuid.UUID) -> str:
-    raw = f"{moment.isoformat()}|{position_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """``<microseconds since the epoch>.<uuid hex>``: web.schemas.CURSOR_PATTERN."""
+    micros = (moment - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros}.{position_id.hex}"
 
 
 class BadCursor(ValueError):
@@ -320,12 +353,14 @@ class BadCursor(ValueError):
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        moment, pid = raw.split("|")
-        return datetime.fromisoformat(moment), uuid.UUID(pid)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadCursor("cursor is not valid") from exc
+    """The keyset position of a cursor of ``_encode_cursor``'s shape (every such string is a
+    valid position: 16 digits of microseconds stay within year 2286). Raises ``BadCursor``
+    for anything else, whatever its bytes."""
+    match = _CURSOR.fullmatch(cursor) if isinstance(cursor, str) else None
+    if match is None:
+        raise BadCursor("cursor is not valid")
+    moment = _EPOCH + timedelta(microseconds=int(match.group(1)))
+    return moment, uuid.UUID(hex=match.group(2))
 
 
 async def list_positions(

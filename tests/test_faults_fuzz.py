@@ -3,12 +3,17 @@
 The service runs in this test (the whole tree on the test database); schemathesis runs as a
 subprocess against it (its pytest integration does not run under Trio), bounded to
 ``MAX_EXAMPLES`` cases per operation. It must find no 500 and no response that breaks the
-documented schema, status codes or content type.
+documented schema, status codes or content type; and since the request schemas are generated
+from the classes the server structures requests into, every schema-valid request must be
+accepted and every schema-invalid one refused (its data-acceptance checks). A create is also
+judged against the market (symbol, bracket), which no schema states: tests/fuzz_hooks.py keeps
+positive creates within those rules.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,7 +30,7 @@ from tickguard.storage import Database
 MAX_EXAMPLES = 50
 CHECKS = (
     "not_a_server_error,status_code_conformance,content_type_conformance,"
-    "response_schema_conformance"
+    "response_schema_conformance,positive_data_acceptance,negative_data_rejection"
 )
 
 
@@ -75,6 +80,12 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
                         str(report),
                     ],
                     cwd=tmp_path,  # schemathesis keeps its example database in the cwd
+                    # Positive creates are kept within the market's rules (tests/fuzz_hooks.py).
+                    env={
+                        **os.environ,
+                        "SCHEMATHESIS_HOOKS": "fuzz_hooks",
+                        "PYTHONPATH": str(Path(__file__).parent),
+                    },
                     capture_stdout=True,
                     stderr=subprocess.STDOUT,
                     check=False,

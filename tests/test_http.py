@@ -22,7 +22,7 @@ from web_harness import (
 from tickguard.actors.feed import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
-from tickguard.actors.wire import loads, position_to_json
+from tickguard.actors.wire import dumps, loads, position_to_json
 from tickguard.storage import Database
 from tickguard.web import routes
 from tickguard.web.app import AppServices, create_app
@@ -210,11 +210,16 @@ async def test_create_rejects_each_bad_field(
         "10000000000",
         "1E+400",
         "1e-9",
-        "65000.123456789",
-        '"65000.123456789"',
+        "0.0000000049999",
+        "9999999999.999999995",
+        '"9999999999.999999995"',
         '"1e10"',
+        '"1e2"',  # strings are plain notation; numbers may carry an exponent
+        '" 42.25 "',
+        '"0.000000001"',
         "0.000000001",
         "-0.5",
+        "1.000000000000000000000000000001",  # 31 significant digits
     ],
 )
 async def test_create_rejects_prices_outside_numeric_18_8(db: Database, text: str) -> None:
@@ -234,7 +239,16 @@ async def test_create_rejects_prices_outside_numeric_18_8(db: Database, text: st
         ("0.00000001", "0.00000001"),
         ("1.100000000", "1.1"),
         ("1E+2", "100"),
-        ('" 42.25 "', "42.25"),
+        ("1.2345e3", "1234.5"),
+        # Float noise from the app's JavaScript: rounded half away from zero to 8 places.
+        ("64444.06724999999", "64444.06725"),
+        ('"64444.06724999999"', "64444.06725"),
+        ("65000.123456789", "65000.12345679"),
+        ('"65000.123456785"', "65000.12345679"),
+        ("0.000000005", "0.00000001"),
+        ("9999999999.999999994999", "9999999999.99999999"),
+        ("1.00000000000000000000000000001", "1"),  # 30 significant digits
+        ('"0065000.50000"', "65000.5"),
     ],
 )
 async def test_create_accepts_exact_prices(db: Database, text: str, stored: str) -> None:
@@ -367,6 +381,43 @@ async def test_idempotency_key_replays_the_first_position(db: Database) -> None:
     assert len(listing.json()["data"]) == 1
 
 
+async def test_an_idempotency_key_reused_with_another_body_is_a_422(db: Database) -> None:
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        headers = {"Idempotency-Key": "order-18"}
+        first = await client.post("/api/positions", json=_long(), headers=headers)
+        # The same request written differently (string price, lower-case symbol) is a replay.
+        same = await client.post(
+            "/api/positions",
+            json=_long(entryPrice="65000.000", symbol="btc-usd"),
+            headers=headers,
+        )
+        other = await client.post("/api/positions", json=_long(takeProfit=71000), headers=headers)
+        listing = await client.get("/api/positions", params={"userId": USER})
+    assert first.status_code == 201
+    assert same.status_code == 201 and same.headers["Idempotent-Replayed"] == "true"
+    assert same.json()["data"]["id"] == first.json()["data"]["id"]
+    assert other.status_code == 422
+    assert isinstance(other.json()["error"], str) and "Idempotency-Key" in other.json()["details"]
+    assert len(listing.json()["data"]) == 1
+
+
+async def test_a_create_says_when_the_feed_does_not_watch_the_symbol_live(db: Database) -> None:
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        status = stack.services.feed_status
+        assert isinstance(status, FeedStatus)
+        unknown = await client.post("/api/positions", json=_long(), headers={"Origin": TEST_ORIGIN})
+        status.product("BTC-USD").state = "stale"
+        stale = await client.post("/api/positions", json=_long())
+        status.product("BTC-USD").state = "live"
+        live = await client.post("/api/positions", json=_long())
+    assert unknown.status_code == stale.status_code == live.status_code == 201
+    assert unknown.headers["X-Feed-Status"] == "connecting"
+    # The app in the browser can read it (a CORS response exposes only the listed headers).
+    assert "X-Feed-Status" in unknown.headers["Access-Control-Expose-Headers"]
+    assert stale.headers["X-Feed-Status"] == "stale"
+    assert "X-Feed-Status" not in live.headers
+
+
 async def test_open_position_cap_is_a_400(db: Database) -> None:
     settings = make_settings(max_open_positions_per_user=1)
     async with (
@@ -429,6 +480,44 @@ async def test_list_pages_with_cursor_and_validates_query(db: Database) -> None:
         assert response.status_code == 400, response.text
         assert isinstance(response.json()["error"], str)
     assert len(opened.json()["data"]) == 3 and closed.json() == {"data": []}
+
+
+async def test_a_list_without_limit_is_the_whole_list(db: Database) -> None:
+    from tickguard.actors.messages import NewPosition
+    from tickguard.storage import positions as store
+
+    many = [NewPosition(USER, "BTC-USD", "long", Decimal(65000), None, None) for _ in range(600)]
+    await store.create_positions(db, many, max_open_per_user=1000)
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        whole = await client.get("/api/positions", params={"userId": USER})
+        opened = await client.get("/api/positions", params={"userId": USER, "status": "open"})
+        paged = await client.get("/api/positions", params={"userId": USER, "limit": 1000})
+        small = await client.get("/api/positions", params={"userId": USER, "limit": 250})
+    # The old backend's React client never pages: without limit it gets every row (up to
+    # schemas.LIST_BOUND, tested on storage), and no cursor.
+    assert len(whole.json()["data"]) == 600 and "nextCursor" not in whole.json()
+    assert len(opened.json()["data"]) == 600
+    assert len(paged.json()["data"]) == 600 and "nextCursor" not in paged.json()
+    assert len(small.json()["data"]) == 250 and "nextCursor" in small.json()
+
+
+async def test_a_forged_cursor_is_a_400(db: Database) -> None:
+    import base64
+    import uuid
+
+    forged = base64.b64encode(f"0001-01-01T00:00:00+14:00|{uuid.uuid4()}".encode()).decode()
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        answers = [
+            await client.get(path, params={"userId": USER, "cursor": cursor})
+            for path in ("/api/positions", "/api/positions/closed")
+            for cursor in (forged, forged.rstrip("="), "1." + "z" * 32, "x" * 600)
+        ]
+    for response in answers:
+        assert response.status_code == 400, response.text
+        assert response.json() == {
+            "error": "cursor is not valid.",
+            "details": {"cursor": "cursor is not valid."},
+        }
 
 
 async def test_close_then_read_back_and_the_error_order(db: Database) -> None:
@@ -502,7 +591,7 @@ async def test_openapi_documents_every_route_and_error(db: Database) -> None:
 
     async with running_app(services) as url, httpx.AsyncClient(base_url=url) as client:
         spec = (await client.get("/openapi.json")).json()
-    assert spec == json.loads(json.dumps(document()))
+    assert spec == json.loads(dumps(document()))
     create = spec["paths"]["/api/positions"]["post"]
     assert {"201", "400", "404", "405", "413", "500", "503"} <= set(create["responses"])
     close = spec["paths"]["/api/positions/{id}/close"]["post"]
@@ -534,3 +623,15 @@ def test_bracket_messages_are_the_compatible_ones() -> None:
     assert routes.bracket_error("long", Decimal(10), Decimal(10), None) == routes.LONG_TP
     assert routes.bracket_error("short", Decimal(10), None, Decimal(10)) == routes.SHORT_SL
     assert routes.bracket_error("long", Decimal(10), Decimal(11), Decimal(9)) is None
+
+
+async def test_a_doubled_slash_is_a_json_404_not_an_html_redirect(db: Database) -> None:
+    async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+        answers = [
+            await client.get(path, params={"userId": USER})
+            for path in ("/assets//x", "/assets//index.js", "/api//positions", "//health")
+        ]
+    for response in answers:
+        assert response.status_code == 404, (response.url, response.status_code, response.text)
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert isinstance(response.json()["error"], str)

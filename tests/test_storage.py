@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from decimal import Decimal
 
+import pytest
 import trio
 import trio_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
-from tickguard.actors.messages import CloseOrder, CloseOutcome, NewPosition
+from tickguard.actors.messages import CloseOrder, CloseOutcome, CreateResult, NewPosition
 from tickguard.storage import Database, DatabaseUnavailable, migrate, open_database, open_pool
 from tickguard.storage import positions as store
 from tickguard.storage.migrate import bundled_migrations
@@ -136,6 +140,36 @@ async def test_idempotency_key_returns_the_first_position(db: Database) -> None:
     assert await db.fetchval("SELECT count(*) FROM positions") == 1
 
 
+async def test_an_idempotency_key_reused_with_another_body_is_refused(db: Database) -> None:
+    first, _ = await store.create_positions(
+        db, [new(idempotency_key="k1", fingerprint="a" * 64)], max_open_per_user=10
+    )
+    again, events = await store.create_positions(
+        db,
+        [
+            new(idempotency_key="k1", fingerprint="a" * 64),  # the same request: a replay
+            new(idempotency_key="k1", fingerprint="b" * 64),  # another body: refused
+            new("bob", idempotency_key="k1", fingerprint="b" * 64),  # keys are per user
+            new(idempotency_key="k2", fingerprint="c" * 64),
+            new(idempotency_key="k2", fingerprint="d" * 64),  # within one batch too
+        ],
+        max_open_per_user=10,
+    )
+    assert isinstance(again[0], CreateResult) and not again[0].created
+    assert again[0].position.id == first[0].position.id
+    assert isinstance(again[1], store.IdempotencyKeyReused) and again[1].key == "k1"
+    assert isinstance(again[2], CreateResult) and again[2].created
+    assert isinstance(again[3], CreateResult) and again[3].created
+    assert isinstance(again[4], store.IdempotencyKeyReused)
+    assert len(events) == 2
+    # A row written before fingerprints existed (NULL) replays as it always did.
+    await db.execute("UPDATE positions SET request_fingerprint = NULL WHERE idempotency_key='k1'")
+    old, _ = await store.create_positions(
+        db, [new(idempotency_key="k1", fingerprint="e" * 64)], max_open_per_user=10
+    )
+    assert isinstance(old[0], CreateResult) and old[0].position.id == first[0].position.id
+
+
 async def test_open_position_cap_is_enforced_per_user(db: Database) -> None:
     results, events = await store.create_positions(
         db, [new(), new(), new(), new("bob")], max_open_per_user=2
@@ -228,6 +262,66 @@ async def test_pagination_walks_every_row_once(db: Database) -> None:
             break
     assert len(seen) == 7 and len({p.id for p in seen}) == 7
     assert [p.created_at for p in seen] == sorted((p.created_at for p in seen), reverse=True)
+
+
+async def test_closed_list_pages_by_close_time_and_a_list_bound_sets_the_cursor(
+    db: Database,
+) -> None:
+    created, _ = await store.create_positions(db, [new() for _ in range(5)], max_open_per_user=100)
+    ids = [r.position.id for r in created]
+    for pid in ids:
+        await store.close_positions(
+            db, [CloseOrder(pid, Decimal("1"), "manual", user_id="alice")], source="api"
+        )
+    seen, cursor = [], None
+    while True:
+        page, cursor = await store.list_closed(db, "alice", 2, cursor)
+        seen += page
+        if cursor is None:
+            break
+    assert sorted(p.id for p in seen) == sorted(ids)
+    whole, more = await store.list_closed(db, "alice", 5, None)
+    assert len(whole) == 5 and more is None
+    bounded, more = await store.list_positions(db, "alice", None, 4, None)
+    assert len(bounded) == 4 and more is not None
+
+
+FORGED = [
+    # The repro of issue 13 (finding 7): base64 of a datetime that overflows once made UTC.
+    base64.urlsafe_b64encode(b"0001-01-01T00:00:00+14:00|" + str(uuid.uuid4()).encode()).decode(),
+    base64.urlsafe_b64encode(b"9999-12-31T23:59:59-14:00|" + str(uuid.uuid4()).encode()).decode(),
+    "not-a-cursor",
+    "%%%",
+    "\udcff",
+    "1." + "0" * 31,  # uuid hex one short
+    "12345678901234567." + "0" * 32,  # 17 digits of microseconds
+    "-1." + "0" * 32,
+    "1|" + "0" * 32,
+    "1." + "0" * 32 + ".x",  # wrong part count
+    "1." + "G" * 32,
+    "١." + "0" * 32,  # a digit of another script
+    "",
+]
+
+
+@pytest.mark.parametrize("cursor", FORGED)
+async def test_a_forged_cursor_is_bad_cursor_never_another_error(db: Database, cursor: str) -> None:
+    with pytest.raises(store.BadCursor):
+        await store.list_positions(db, "alice", None, 3, cursor or "x")
+    with pytest.raises(store.BadCursor):
+        await store.list_closed(db, "alice", 3, cursor or "x")
+
+
+@given(st.text(max_size=80) | st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode()))
+def test_decoding_any_text_as_a_cursor_raises_only_bad_cursor(text: str) -> None:
+    try:
+        moment, pid = store._decode_cursor(text)
+    except store.BadCursor:
+        return
+    # What decodes is a position PostgreSQL can compare with: UTC, within its range.
+    assert moment.utcoffset() is not None and 1970 <= moment.year <= 2287
+    micros, hex_id = text.split(".")
+    assert store._encode_cursor(moment, pid) == f"{int(micros)}.{hex_id}"
 
 
 async def test_cancelled_query_leaves_the_pool_usable(db: Database) -> None:

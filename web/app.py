@@ -39,6 +39,9 @@ def create_app(services: AppServices) -> QuartTrio:
     """The tickguard HTTP/WebSocket app for ``services``."""
     app = QuartTrio("tickguard")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # Werkzeug answers `/assets//x` with a 308 to `/assets/x` whose body is HTML; an API that
+    # answers JSON everywhere treats such a path as unknown (404) instead.
+    app.url_map.merge_slashes = False
     app.json = WireJSONProvider(app)
     app.extensions[EXTENSION] = services
     app.extensions[LIVE_SESSIONS] = LiveSessions()

@@ -12,7 +12,7 @@ from quart_trio import QuartTrio
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Content-Type, Idempotency-Key, X-Request-Id"
-EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed, X-Request-Id"
+EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed, X-Request-Id, X-Feed-Status"
 PREFLIGHT_MAX_AGE = "600"
 
 

@@ -1,12 +1,14 @@
-"""``/openapi.json``: the API described from the same schema tables the handlers validate with.
+"""``/openapi.json``: the API described from the same attrs classes the handlers structure
+requests into (``web.schemas``).
 
-``ROUTES`` lists every route with its request schemas (objects of ``web.schemas``) and every
-status it can answer; ``document`` turns that into OpenAPI 3.1. A test checks that every route
-the app serves appears here, so the document cannot silently fall behind.
+``ROUTES`` lists every route with its request classes and every status it can answer;
+``document`` turns that into OpenAPI 3.1, walking the classes' fields. A test checks that every
+route the app serves appears here, so the document cannot silently fall behind.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -14,58 +16,12 @@ from quart import Blueprint, Response
 
 from tickguard.web import schemas
 from tickguard.web.json import json_response
-from tickguard.web.schemas import Schema
 
 openapi = Blueprint("openapi", __name__)
 
-_UUID = {"type": "string", "format": "uuid"}
-_PRICE_OUT = {"type": "number", "description": "Exact decimal, written as a JSON number."}
-_NULL_PRICE_OUT = {"anyOf": [_PRICE_OUT, {"type": "null"}]}
-_TIME = {"type": "string", "format": "date-time", "example": "2026-11-24T10:15:30.123Z"}
-_NULL_TIME = {"anyOf": [_TIME, {"type": "null"}]}
+_TIME = schemas.type_schema(datetime)
 
-POSITION: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string", "format": "uuid"},
-        "userId": {"type": "string"},
-        "symbol": {"type": "string", "example": "BTC-USD"},
-        "side": {"type": "string", "enum": ["long", "short"]},
-        "entryPrice": _PRICE_OUT,
-        "takeProfit": _NULL_PRICE_OUT,
-        "stopLoss": _NULL_PRICE_OUT,
-        "status": {"type": "string", "enum": ["open", "closed"]},
-        "closePrice": _NULL_PRICE_OUT,
-        "closeReason": {
-            "anyOf": [
-                {"type": "string", "enum": ["take_profit", "stop_loss", "manual", "system"]},
-                {"type": "null"},
-            ]
-        },
-        "createdAt": _TIME,
-        "updatedAt": _TIME,
-        "closedAt": _NULL_TIME,
-        "triggeredAt": {
-            **_NULL_TIME,
-            "description": "Coinbase trade time that triggered an engine close.",
-        },
-    },
-    "required": [
-        "id",
-        "userId",
-        "symbol",
-        "side",
-        "entryPrice",
-        "takeProfit",
-        "stopLoss",
-        "status",
-        "closePrice",
-        "closeReason",
-        "createdAt",
-        "updatedAt",
-        "closedAt",
-    ],
-}
+POSITION: dict[str, Any] = schemas.json_schema(schemas.PositionOut)
 
 ERROR: dict[str, Any] = {
     "type": "object",
@@ -90,7 +46,11 @@ _PAGE = {
     "type": "object",
     "properties": {
         "data": {"type": "array", "items": {"$ref": "#/components/schemas/Position"}},
-        "nextCursor": {"type": "string", "description": "Present when more rows exist."},
+        "nextCursor": {
+            "type": "string",
+            "pattern": schemas.CURSOR_PATTERN,
+            "description": "Present when more rows exist: pass it back as cursor.",
+        },
     },
     "required": ["data"],
 }
@@ -135,9 +95,9 @@ class RouteDoc:
     summary: str
     success: tuple[int, str, dict[str, Any]]
     errors: dict[int, str]
-    body: Schema | None = None
-    query: Schema | None = None
-    headers: tuple[schemas.Field, ...] = ()
+    body: type | None = None
+    query: type | None = None
+    headers: tuple[schemas.Header, ...] = ()
     path_params: tuple[str, ...] = ()
     media_type: str = "application/json"  # of the success body
 
@@ -155,9 +115,18 @@ ROUTES: tuple[RouteDoc, ...] = (
         "post",
         "/api/positions",
         "Open a position.",
-        (201, "Committed (also for an Idempotency-Key replay, with Idempotent-Replayed).", _ONE),
-        {**_BODY_ERRORS, **_UNAVAILABLE},
-        body=schemas.CREATE_POSITION,
+        (
+            201,
+            "Committed (also for an Idempotency-Key replay, with Idempotent-Replayed). "
+            "X-Feed-Status (connecting, stale, rejected) when the feed is not live on the symbol.",
+            _ONE,
+        ),
+        {
+            **_BODY_ERRORS,
+            422: "This Idempotency-Key was used (by this user) with a different body.",
+            **_UNAVAILABLE,
+        },
+        body=schemas.CreatePosition,
         headers=(schemas.IDEMPOTENCY_KEY,),
     ),
     RouteDoc(
@@ -166,7 +135,7 @@ ROUTES: tuple[RouteDoc, ...] = (
         "The user's positions, newest createdAt first.",
         (200, "One page.", _PAGE),
         {400: "Invalid query.", **_UNAVAILABLE},
-        query=schemas.LIST_POSITIONS,
+        query=schemas.ListPositionsQuery,
     ),
     RouteDoc(
         "get",
@@ -174,7 +143,7 @@ ROUTES: tuple[RouteDoc, ...] = (
         "The user's closed positions, newest closedAt first.",
         (200, "One page.", _PAGE),
         {400: "Invalid query.", **_UNAVAILABLE},
-        query=schemas.LIST_CLOSED,
+        query=schemas.ListClosedQuery,
     ),
     RouteDoc(
         "get",
@@ -186,7 +155,7 @@ ROUTES: tuple[RouteDoc, ...] = (
             404: "No position of this user has this id.",
             **_UNAVAILABLE,
         },
-        query=schemas.USER_QUERY,
+        query=schemas.UserQuery,
         path_params=("id",),
     ),
     RouteDoc(
@@ -200,7 +169,7 @@ ROUTES: tuple[RouteDoc, ...] = (
             409: "Position is already closed.",
             **_UNAVAILABLE,
         },
-        body=schemas.CLOSE_POSITION,
+        body=schemas.ClosePosition,
         path_params=("id",),
     ),
     RouteDoc(
@@ -227,7 +196,7 @@ ROUTES: tuple[RouteDoc, ...] = (
         "1001 shutting down, 1011 database unavailable.",
         (101, "Switching protocols.", _ANY_OBJECT),
         {426: "A plain HTTP request (no WebSocket upgrade)."},
-        query=schemas.USER_QUERY,
+        query=schemas.UserQuery,
     ),
 )
 
@@ -243,29 +212,35 @@ def _parameters(route: RouteDoc) -> list[dict[str, Any]]:
         for name in route.path_params
     ]
     if route.query is not None:
-        for field in route.query.fields:
+        for prop in schemas.properties(route.query):
             param: dict[str, Any] = {
-                "name": field.name,
+                "name": prop.name,
                 "in": "query",
-                "required": field.required,
-                "schema": dict(field.schema),
+                "required": prop.required,
+                "schema": _not_null(prop.schema),
             }
-            if field.default is not None:
-                param["schema"]["default"] = field.default
-            if field.description:
-                param["description"] = field.description
+            if prop.default is not None:
+                param["schema"]["default"] = prop.default
+            if prop.description:
+                param["description"] = prop.description
             params.append(param)
-    for field in route.headers:
+    for header in route.headers:
         params.append(
             {
-                "name": field.name,
+                "name": header.name,
                 "in": "header",
-                "required": field.required,
-                "schema": dict(field.schema),
-                "description": field.description,
+                "required": False,
+                "schema": schemas.type_schema(header.kind),
+                "description": header.description,
             }
         )
     return params
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter is absent or a string: its schema without the ``null`` branch."""
+    branches = [b for b in schema.get("anyOf", ()) if b != {"type": "null"}]
+    return dict(branches[0]) if len(branches) == 1 else dict(schema)
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -296,10 +271,11 @@ def document() -> dict[str, Any]:
         if params:
             operation["parameters"] = params
         if route.body is not None:
-            components[route.body.name] = schemas.json_schema(route.body)
+            name = route.body.__name__
+            components[name] = schemas.json_schema(route.body)
             operation["requestBody"] = {
                 "required": True,
-                **_json({"$ref": f"#/components/schemas/{route.body.name}"}),
+                **_json({"$ref": f"#/components/schemas/{name}"}),
             }
         paths.setdefault(route.path, {})[route.method] = operation
     return {

@@ -1,13 +1,15 @@
 """The REST routes of API.md: health, readiness, and positions.
 
 Reads go straight to storage; every write is a request to the persistence actor (``ask``),
-which commits before it answers. Handlers validate with the tables of ``web.schemas`` (the
-same ones ``/openapi.json`` documents) and raise ``ApiError`` or a known exception, which
-``web.errors`` turns into the JSON error body. Every success body is written by ``wire``.
+which commits before it answers. Handlers structure requests into the classes of
+``web.schemas`` (the same ones ``/openapi.json`` documents) and raise ``ApiError`` or a known
+exception, which ``web.errors`` turns into the JSON error body. Every success body is written
+by ``wire``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from datetime import UTC, datetime
@@ -29,18 +31,20 @@ from tickguard.actors.messages import (
 from tickguard.actors.wire import iso_millis, loads, position_to_json
 from tickguard.storage import DatabaseUnavailable
 from tickguard.storage import positions as store
+from tickguard.storage.positions import IdempotencyKeyReused
 from tickguard.web.errors import ApiError, unavailable
 from tickguard.web.json import json_response
 from tickguard.web.schemas import (
-    CLOSE_POSITION,
-    CREATE_POSITION,
     IDEMPOTENCY_KEY,
-    LIST_CLOSED,
-    LIST_POSITIONS,
-    USER_QUERY,
-    FieldError,
+    LIST_BOUND,
+    ClosePosition,
+    CreatePosition,
+    ListClosedQuery,
+    ListPositionsQuery,
+    UserQuery,
     ValidationError,
-    validate,
+    parse_header,
+    structure,
 )
 from tickguard.web.services import AppServices, services_of
 from tickguard.web.symbols import SymbolRejected, ensure_symbol
@@ -93,8 +97,8 @@ def bracket_error(side: str, entry: Decimal, tp: Decimal | None, sl: Decimal | N
     return None
 
 
-def _check_bracket(values: dict[str, Any], entry: Decimal) -> None:
-    problem = bracket_error(values["side"], entry, values["takeProfit"], values["stopLoss"])
+def _check_bracket(body: CreatePosition, entry: Decimal) -> None:
+    problem = bracket_error(body.side, entry, body.take_profit, body.stop_loss)
     if problem is not None:
         field = "takeProfit" if "takeProfit" in problem else "stopLoss"
         raise ApiError(400, problem, {field: problem})
@@ -119,21 +123,39 @@ async def ready() -> Response:
     return json_response({"ok": True, "database": "ok", "feed": feed})
 
 
+def fingerprint(body: CreatePosition) -> str:
+    """sha256 of the create request as structured, prices in canonical form (so ``"65000.0"``
+    and ``65000`` are the same body): what an Idempotency-Key replay must match."""
+    parts = [body.user_id, body.symbol, body.side]
+    for price in (body.entry_price, body.take_profit, body.stop_loss):
+        parts.append("" if price is None else format(price.normalize(), "f"))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+# The feed states of /ready in which nothing watches a symbol's price yet.
+_NOT_WATCHING = ("connecting", "stale", "rejected")
+
+
+def _feed_state(services: AppServices, symbol: str) -> str | None:
+    """The feed's state for ``symbol`` when it is not ``live`` (None when live or unknown)."""
+    if services.feed_status is None:
+        return None
+    product = services.feed_status.snapshot().get("products", {}).get(symbol)
+    state = "connecting" if product is None else product.get("state")
+    return state if state in _NOT_WATCHING else None
+
+
 @routes.post("/api/positions")
 async def create_position() -> Response:
     services = _services()
-    values = validate(CREATE_POSITION, await _json_body())
-    key = request.headers.get(IDEMPOTENCY_KEY.name)
-    if key is not None:
-        try:
-            key = IDEMPOTENCY_KEY.parse(IDEMPOTENCY_KEY.name, key)
-        except FieldError as problem:
-            raise ApiError(400, str(problem), {IDEMPOTENCY_KEY.name: str(problem)}) from None
-    symbol: str = values["symbol"]
-    entry: Decimal | None = values["entryPrice"]
+    body = structure(CreatePosition, await _json_body())
+    raw_key = request.headers.get(IDEMPOTENCY_KEY.name)
+    key: str | None = None if raw_key is None else parse_header(IDEMPOTENCY_KEY, raw_key)
+    symbol: str = body.symbol
+    entry: Decimal | None = body.entry_price
     if entry is not None:
         # A bad bracket is answered before waiting on the feed for the symbol.
-        _check_bracket(values, entry)
+        _check_bracket(body, entry)
     try:
         await ensure_symbol(services, symbol)
     except SymbolRejected:
@@ -145,32 +167,41 @@ async def create_position() -> Response:
         if entry is None:
             message = f"entryPrice is required: there is no market price for {symbol} yet."
             raise ApiError(400, message, {"entryPrice": message})
-        _check_bracket(values, entry)
+        _check_bracket(body, entry)
     new = NewPosition(
-        user_id=values["userId"],
+        user_id=body.user_id,
         symbol=symbol,
-        side=values["side"],
+        side=body.side,
         entry_price=entry,
-        take_profit=values["takeProfit"],
-        stop_loss=values["stopLoss"],
+        take_profit=body.take_profit,
+        stop_loss=body.stop_loss,
         idempotency_key=key,
+        fingerprint=fingerprint(body) if key is not None else None,
     )
-    result: CreateResult = await ask(
-        services.persistence,
-        lambda reply: CreateRequest(new=new, reply=reply),
-        timeout=services.request_timeout,
-    )
+    try:
+        result: CreateResult = await ask(
+            services.persistence,
+            lambda reply: CreateRequest(new=new, reply=reply),
+            timeout=services.request_timeout,
+        )
+    except IdempotencyKeyReused:
+        message = "This Idempotency-Key was already used with a different request body."
+        raise ApiError(422, message, {IDEMPOTENCY_KEY.name: message}) from None
     # A replay answers exactly like the first request did, and says so in a header.
     headers = {} if result.created else {"Idempotent-Replayed": "true"}
+    state = _feed_state(services, symbol)
+    if state is not None:
+        # Committed, but nothing watches the price yet: say so (API.md "Beyond").
+        headers["X-Feed-Status"] = state
     return json_response({"data": position_to_json(result.position)}, 201, headers)
 
 
 @routes.get("/api/positions")
 async def list_positions() -> Response:
     services = _services()
-    query = validate(LIST_POSITIONS, request.args)
+    query = structure(ListPositionsQuery, request.args.to_dict())
     page, cursor = await store.list_positions(
-        services.db, query["userId"], query["status"], query["limit"], query["cursor"]
+        services.db, query.user_id, query.status, query.limit or LIST_BOUND, query.cursor
     )
     return _page(page, cursor)
 
@@ -178,9 +209,9 @@ async def list_positions() -> Response:
 @routes.get("/api/positions/closed")
 async def list_closed() -> Response:
     services = _services()
-    query = validate(LIST_CLOSED, request.args)
+    query = structure(ListClosedQuery, request.args.to_dict())
     page, cursor = await store.list_closed(
-        services.db, query["userId"], query["limit"], query["cursor"]
+        services.db, query.user_id, query.limit or LIST_BOUND, query.cursor
     )
     return _page(page, cursor)
 
@@ -196,8 +227,8 @@ def _page(page: list[Any], cursor: str | None) -> Response:
 async def get_position(position_id: str) -> Response:
     services = _services()
     pid = _position_id(position_id)
-    query = validate(USER_QUERY, request.args)
-    position = await store.get_position(services.db, query["userId"], pid)
+    query = structure(UserQuery, request.args.to_dict())
+    position = await store.get_position(services.db, query.user_id, pid)
     if position is None:
         raise ApiError(404, "Position not found.")
     return json_response({"data": position_to_json(position)})
@@ -212,15 +243,15 @@ async def close_position(position_id: str) -> Response:
         pid = _position_id(position_id)
     except ApiError as bad_id:
         details.update(bad_id.details or {})
-    body = await _json_body()
-    values: dict[str, Any] = {}
+    raw = await _json_body()
+    body: ClosePosition | None = None
     try:
-        values = validate(CLOSE_POSITION, body)
+        body = structure(ClosePosition, raw)
     except ValidationError as bad_body:
         details.update(bad_body.details)
-    if details:
+    if details or body is None:
         raise ApiError(400, " ".join(details.values()), details)
-    order = CloseOrder(pid, values["closePrice"], values["reason"], user_id=values["userId"])
+    order = CloseOrder(pid, body.close_price, body.reason, user_id=body.user_id)
     results: tuple[CloseResult, ...] = await ask(
         services.persistence,
         lambda reply: CloseRequest(orders=(order,), source="api", reply=reply),
