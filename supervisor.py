@@ -17,8 +17,9 @@ Reading this file should explain the program. Inside one ``trio.run``:
 Start order is the list above; on SIGINT/SIGTERM the stop order is web (stop accepting),
 feed, engines (hand over what they triggered), persistence (drain, bounded by
 SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), then the pool, then PostgreSQL. A
-signal during start-up (e.g. while waiting for the database) stops it at once, exit 0. The supervisor owns every mailbox and
-window slot, so a restarted actor finds the same inbox and nobody else learns of the restart.
+signal during start-up (e.g. while waiting for the database) stops it at once, exit 0. The
+supervisor owns every mailbox and window slot, so a restarted actor finds the same inbox and
+nobody else learns of the restart.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -53,6 +54,8 @@ from tickguard.storage.embedded import EmbeddedPostgres, watch_server
 from tickguard.storage.outage import quiet_outages
 
 log = logging.getLogger("tickguard")
+
+E = TypeVar("E", bound=BaseException)
 
 
 class EngineDirectory:
@@ -346,6 +349,17 @@ async def open_storage(
             await trio.to_thread.run_sync(server.stop)
 
 
+def _leaves(group: BaseExceptionGroup[Any], kind: type[E]) -> list[E]:
+    """The exceptions of type ``kind`` in ``group``, however deeply nurseries nested it."""
+    found: list[E] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found += _leaves(error, kind)
+        elif isinstance(error, kind):
+            found.append(error)
+    return found
+
+
 async def serve(
     settings: Settings,
     *,
@@ -412,7 +426,7 @@ async def _serve(
                             outcome["overran"] = await tree.supervisor.shutdown()
                     guard.cancel_scope.cancel()
             except* SupervisorGaveUp as group:
-                gave_up += [e for e in group.exceptions if isinstance(e, SupervisorGaveUp)]
+                gave_up += _leaves(group, SupervisorGaveUp)
     if interrupted:
         log.info("received %s while starting; stopped", interrupted[0])
         return 0
