@@ -5,6 +5,7 @@ nothing, keep the log short while it is away, and exit 1 once it dies too often.
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import signal
@@ -19,7 +20,9 @@ import psutil
 import pytest
 from test_cli import Served
 
+from tickguard.storage import DatabaseUnavailable
 from tickguard.storage.embedded import SERVER_USER, bin_dir
+from tickguard.storage.outage import OutageLog
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -177,3 +180,51 @@ def _postgres_in(process: psutil.Process, data: Path) -> bool:
         return process.info["name"] == "postgres" and Path(process.cwd()).is_relative_to(data)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+
+
+UNAVAILABLE = "database unavailable: %s"  # as persistence and web say it
+FLOOR = "Failed to restore the pool connection floor; retrying"  # as asyncpg 0.30+ says it
+
+
+def outage_record(
+    name: str, message: str, *args: object, error: BaseException | None = None
+) -> logging.LogRecord:
+    exc_info = (type(error), error, None) if error is not None else None
+    return logging.LogRecord(name, logging.WARNING, __file__, 1, message, args, exc_info)
+
+
+def test_outage_lines_are_limited_to_one_per_interval_with_a_count() -> None:
+    now = [0.0]
+    outage = OutageLog(10.0, clock=lambda: now[0])
+    passed = []
+    for i in range(50):
+        now[0] = i * 0.1  # 5 s of one failed request every 100 ms
+        record = outage_record(
+            "tickguard.web", "database unavailable: %s", DatabaseUnavailable("x")
+        )
+        if outage.filter(record):
+            passed.append(record.getMessage())
+    assert passed == ["database unavailable: x"]
+    now[0] = 12.0
+    record = outage_record("tickguard.web", UNAVAILABLE, DatabaseUnavailable("y"))
+    assert outage.filter(record)
+    assert record.getMessage() == "database unavailable: y [49 more like this in the last 12 s]"
+    assert outage.held_back == 49
+
+
+def test_asyncpg_reconnect_tracebacks_shrink_to_one_line() -> None:
+    outage = OutageLog(10.0, clock=lambda: 0.0)
+    refused = ConnectionRefusedError(111, "Connection refused")
+    first = outage_record(
+        "asyncpg.pool", "Failed to restore the pool connection floor; retrying", error=refused
+    )
+    assert outage.filter(first)
+    assert first.exc_info is None
+    assert first.getMessage().endswith("(ConnectionRefusedError: [Errno 111] Connection refused)")
+    again = outage_record(
+        "asyncpg.pool", "Failed to restore the pool connection floor; retrying", error=refused
+    )
+    assert not outage.filter(again)
+    # Lines about anything else pass untouched.
+    other = outage_record("tickguard.web", "feed did not confirm %s", "BTC-USD")
+    assert outage.filter(other) and other.getMessage() == "feed did not confirm BTC-USD"
