@@ -300,6 +300,10 @@ def check_port(settings: Settings) -> None:
             ) from exc
 
 
+# The loggers that report each request or batch that failed because the database was away.
+OUTAGE_LOGGERS = ("tickguard.actors.persistence", "tickguard.web", "tickguard.web.ws")
+
+
 # The embedded server's restart intensity: a database that dies six times in a minute will
 # not be fixed by a seventh start; exiting lets a process manager (and a human) look at it.
 POSTGRES_POLICY = RestartPolicy(max_restarts=5, window_s=60.0)
@@ -381,10 +385,6 @@ async def serve(
     check_port(settings)
     with quiet_outages(*OUTAGE_LOGGERS):
         return await _serve(settings, faults, postgres_policy, task_status)
-
-
-# The loggers that report each request or batch that failed because the database was away.
-OUTAGE_LOGGERS = ("tickguard.actors.persistence", "tickguard.web", "tickguard.web.ws")
 
 
 async def _serve(
