@@ -94,14 +94,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(main: Callable[[Settings], Awaitable[int]], settings: Settings) -> int:
     """``trio.run(main, settings)``; a failure a user can act on (the database cannot be
-    reached or its directory is in use, a port is taken) is one line, not a traceback."""
+    reached or its directory is in use, a port is taken) is one line, not a traceback, and
+    exit status 1. ``serve`` handles SIGINT/SIGTERM itself (exit 0); a Ctrl-C elsewhere (e.g.
+    ``migrate`` waiting for the database) is one line too, and status 130 as shells expect."""
     from tickguard.actors.supervision import ChildStartFailed, innermost
     from tickguard.storage import DatabaseUnavailable
     from tickguard.storage.embedded import EmbeddedDatabaseError
+    from tickguard.supervisor import PortInUse
 
     problems: list[str] = []
+    interrupted = False
     try:
         return int(trio.run(main, settings))
+    except* KeyboardInterrupt:
+        interrupted = True
+    except* PortInUse as group:
+        problems.append(str(innermost(group)))
     except* (DatabaseUnavailable, EmbeddedDatabaseError) as group:
         problems.append(f"database: {innermost(group)}")
     except* ChildStartFailed as group:
@@ -110,6 +118,9 @@ def _run(main: Callable[[Settings], Awaitable[int]], settings: Settings) -> int:
         problems.append(f"{failed}: {cause}" if cause is not None else str(failed))
     for problem in problems:
         print(f"tickguard: {problem}", file=sys.stderr)
+    if interrupted and not problems:
+        print("tickguard: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -2,7 +2,10 @@
 
 Reading this file should explain the program. Inside one ``trio.run``:
 
-    storage runtime (trio-asyncio loop + asyncpg pool; embedded PostgreSQL when no URL)
+    HOST:PORT checked free (before anything starts)
+    Supervisor "database" (only without DATABASE_URL)
+      postgres      the embedded PostgreSQL, watched; restarted (crash recovery) when it dies
+    storage runtime (trio-asyncio loop + asyncpg pool), after waiting for the database
       migrate
       Supervisor (one_for_one, restart intensity per child)
         persistence   the only writer; commits, then publishes to fanout, then Track/Untrack
@@ -14,9 +17,10 @@ Reading this file should explain the program. Inside one ``trio.run``:
 
 Start order is the list above; on SIGINT/SIGTERM the stop order is web (stop accepting),
 feed, engines (hand over what they triggered), persistence (drain, bounded by
-SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products. The supervisor owns every
-mailbox and window slot, so a restarted actor finds the same inbox and nobody else learns of
-the restart.
+SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products, then the pool, then
+PostgreSQL. A signal during start-up (e.g. while waiting for the database) stops it at once,
+exit 0. The supervisor owns every mailbox and window slot, so a restarted actor finds the same
+inbox and nobody else learns of the restart.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -40,17 +46,17 @@ from tickguard.actors.supervision import (
     RestartPolicy,
     Supervisor,
     SupervisorGaveUp,
-    innermost,
-    run_until_signalled,
 )
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, DatabaseUnavailable, migrate, open_database
+from tickguard.storage import Database, runtime
 from tickguard.storage import positions as store
+from tickguard.storage.embedded import EmbeddedPostgres, watch_server
+from tickguard.storage.outage import quiet_outages
 
 log = logging.getLogger("tickguard")
 
-MIGRATE_PATIENCE_S = 30.0  # how long start-up waits for a database that is not up yet
+E = TypeVar("E", bound=BaseException)
 
 
 class EngineDirectory:
@@ -278,70 +284,169 @@ async def _web(
         task_status.started()
 
 
-@asynccontextmanager
-async def open_storage(settings: Settings) -> AsyncIterator[Database]:
-    """The storage runtime for ``settings``: the embedded server when no URL is set, the loop,
-    the pool, and the schema migrated (waiting up to MIGRATE_PATIENCE_S for the database)."""
-    if settings.database_url is None:
-        from tickguard.storage.embedded import EmbeddedPostgres
+class PortInUse(Exception):
+    """The address tickguard should listen on cannot be bound; the message names it and the
+    variables that set it."""
 
-        server = EmbeddedPostgres(settings.data_dir)
-        dsn = await trio.to_thread.run_sync(server.start)
+
+def check_port(settings: Settings) -> None:
+    """Bind HOST:PORT once and let it go again, before anything is started or migrated, so
+    that a second ``serve`` on a busy port fails at once, naming the address (port 0, "any
+    free port", needs no check). Raises ``PortInUse``. hypercorn binds the same way
+    (SO_REUSEADDR, IPv6 when the host has a colon) moments later."""
+    if settings.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            async with _migrated(dsn) as db:
-                yield db
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(server.stop)
-    else:
-        async with _migrated(settings.database_url) as db:
-            yield db
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            address = (
+                f"[{settings.host}]:{settings.port}"
+                if family == socket.AF_INET6
+                else f"{settings.host}:{settings.port}"
+            )
+            raise PortInUse(
+                f"cannot listen on {address} (HOST={settings.host} PORT={settings.port}): "
+                f"{exc.strerror or exc}; stop what uses it or choose another PORT"
+            ) from exc
+
+
+# The loggers that report each request or batch that failed because the database was away.
+OUTAGE_LOGGERS = ("tickguard.actors.persistence", "tickguard.web", "tickguard.web.ws")
+
+
+# The embedded server's restart intensity: a database that dies six times in a minute will
+# not be fixed by a seventh start; exiting lets a process manager (and a human) look at it.
+POSTGRES_POLICY = RestartPolicy(max_restarts=5, window_s=60.0)
 
 
 @asynccontextmanager
-async def _migrated(dsn: str) -> AsyncIterator[Database]:
-    with trio.move_on_after(MIGRATE_PATIENCE_S):
-        while True:
+async def open_storage(
+    settings: Settings,
+    *,
+    postgres_policy: RestartPolicy = POSTGRES_POLICY,
+    patience_s: float = runtime.PATIENCE_S,
+) -> AsyncIterator[Database]:
+    """The storage the tree runs on: the database waited for (up to ``patience_s``) and
+    migrated, the loop and the pool.
+
+    Without DATABASE_URL the embedded PostgreSQL comes first, under its own small supervisor
+    around the tree: one child, ``postgres``, which watches the server and restarts it when
+    it dies (crash recovery on the same directory; the pool reconnects by itself). Past
+    ``postgres_policy``'s intensity that supervisor raises ``SupervisorGaveUp``, which cancels
+    the tree. The server stops after everything else.
+    """
+    if settings.database_url is not None:
+        where = f"DATABASE_URL={settings.describe_database()}"
+        async with runtime.open_storage(
+            settings.database_url, where=where, patience_s=patience_s
+        ) as db:
+            yield db
+        return
+    server = EmbeddedPostgres(settings.data_dir)
+    dsn = await trio.to_thread.run_sync(server.start)
+    try:
+        database = Supervisor(
+            [ChildSpec("postgres", functools.partial(watch_server, server))], postgres_policy
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(database.run)
             try:
-                async with open_database(dsn) as db:
-                    await migrate(db)
-                    break
-            except* DatabaseUnavailable as group:
-                log.warning("database not ready (%s); retrying", innermost(group))
-                await trio.sleep(1.0)
-    async with open_database(dsn) as db:
-        yield db
+                async with runtime.open_storage(
+                    dsn, where=settings.describe_database(), patience_s=patience_s
+                ) as db:
+                    yield db
+            finally:
+                with trio.CancelScope(shield=True):
+                    await database.shutdown()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.stop)
+
+
+def _leaves(group: BaseExceptionGroup[Any], kind: type[E]) -> list[E]:
+    """The exceptions of type ``kind`` in ``group``, however deeply nurseries nested it."""
+    found: list[E] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found += _leaves(error, kind)
+        elif isinstance(error, kind):
+            found.append(error)
+    return found
 
 
 async def serve(
     settings: Settings,
     *,
     faults: FaultPoints | None = None,
+    postgres_policy: RestartPolicy = POSTGRES_POLICY,
     task_status: trio.TaskStatus[Tree] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run tickguard until SIGINT/SIGTERM; returns the process exit code.
 
-    0 after a clean shutdown; 1 when a drain overran its grace period (those closes are redone
-    on the next start) or when a child crashed past its restart intensity.
+    0 after a clean shutdown, also when a signal arrives during start-up (e.g. while waiting
+    for the database: nothing started needs draining); 1 when a drain overran its grace
+    period (those closes are redone on the next start) or when a child (the embedded
+    PostgreSQL included) crashed past its restart intensity. Raises ``PortInUse`` before
+    starting anything when HOST:PORT is taken, ``DatabaseUnavailable`` when the database
+    did not answer in time.
     """
     log.info("database: %s", settings.describe_database())
     log.info("feed: %s products %s", settings.coinbase_ws_url, ",".join(settings.coinbase_products))
-    async with open_storage(settings) as db:
-        tree = build_tree(settings, db, faults=faults)
-        outcome: dict[str, tuple[str, ...]] = {}
+    check_port(settings)
+    with quiet_outages(*OUTAGE_LOGGERS):
+        return await _serve(settings, faults, postgres_policy, task_status)
 
-        async def run_tree(*, task_status: trio.TaskStatus[None]) -> None:
-            outcome["overran"] = await run_until_signalled(tree.supervisor, task_status=task_status)
 
-        gave_up: list[BaseException] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(run_tree)
-                task_status.started(tree)
-        except* SupervisorGaveUp as group:
-            gave_up += group.exceptions
+async def _serve(
+    settings: Settings,
+    faults: FaultPoints | None,
+    postgres_policy: RestartPolicy,
+    task_status: trio.TaskStatus[Tree],
+) -> int:
+    outcome: dict[str, tuple[str, ...]] = {}
+    gave_up: list[SupervisorGaveUp] = []
+    interrupted: list[str] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.CancelScope() as everything:
+            requested = trio.Event()
+            tree_ready = trio.Event()
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if tree_ready.is_set():
+                        log.info("received %s; shutting down", name)
+                        requested.set()
+                    else:
+                        # Nothing is serving yet: stop starting (the database wait included).
+                        interrupted.append(name)
+                        everything.cancel()
+                    return
+
+            try:
+                async with trio.open_nursery() as guard:
+                    guard.start_soon(on_signal)
+                    async with open_storage(settings, postgres_policy=postgres_policy) as db:
+                        tree = build_tree(settings, db, faults=faults)
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(tree.supervisor.run)
+                            tree_ready.set()
+                            task_status.started(tree)
+                            await requested.wait()
+                            outcome["overran"] = await tree.supervisor.shutdown()
+                    guard.cancel_scope.cancel()
+            except* SupervisorGaveUp as group:
+                gave_up += _leaves(group, SupervisorGaveUp)
+    if interrupted:
+        log.info("received %s while starting; stopped", interrupted[0])
+        return 0
     if gave_up:
-        log.error("shutting down: %s", innermost(gave_up[0]))
+        log.error(
+            "shutting down: gave up restarting %s: %s", gave_up[0].child_id, gave_up[0].last_error
+        )
         return 1
     overran = outcome.get("overran", ())
     if overran:

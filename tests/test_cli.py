@@ -180,8 +180,88 @@ def test_a_taken_port_or_data_directory_is_one_clear_line_and_exit_1(tmp_path: P
             "serve", env=environment(tmp_path / "other", PORT=str(served.port)), cwd=tmp_path
         )
         assert done.returncode == 1
+        port = served.port
         assert done.stderr.splitlines()[-1] == (
-            "tickguard: child 'web' failed to start: [Errno 98] Address already in use"
+            f"tickguard: cannot listen on 127.0.0.1:{port} (HOST=127.0.0.1 PORT={port}): "
+            "Address already in use; stop what uses it or choose another PORT"
         )
     finally:
         assert served.stop() == 0
+
+
+def test_a_busy_port_is_refused_before_any_database_is_made(tmp_path: Path) -> None:
+    data = tmp_path / "fresh"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = tickguard("serve", env=environment(data, PORT=str(port)), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert f"127.0.0.1:{port}" in last and f"PORT={port}" in last, last
+    # Nothing was created or migrated for a service that cannot listen.
+    assert not (data / "pgdata").exists()
+    assert "creating the embedded PostgreSQL" not in done.stderr
+    assert "migration" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def unreachable_database(tmp_path: Path) -> tuple[dict[str, str], int]:
+    """An environment whose DATABASE_URL points at a local port nothing listens on."""
+    port = free_port()
+    url = f"postgresql://app:s3cret@127.0.0.1:{port}/app"
+    return environment(tmp_path / "unused", DATABASE_URL=url, PORT=str(free_port())), port
+
+
+def test_an_unreachable_database_url_is_waited_for_then_named(tmp_path: Path) -> None:
+    env, port = unreachable_database(tmp_path)
+    started = time.monotonic()
+    done = tickguard("serve", env=env, cwd=tmp_path)
+    waited = time.monotonic() - started
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1, done.stderr
+    where = f"DATABASE_URL=postgresql://app@127.0.0.1:{port}/app"
+    assert "s3cret" not in done.stderr
+    waiting = [line for line in lines if "waiting for the database" in line]
+    assert f"waiting for the database at {where} for up to 30 s" in waiting[0]
+    # Progress at most every 10 s over 30 s, not one line per attempt.
+    assert 1 <= len(waiting) <= 4, "\n".join(lines)
+    assert lines[-1].startswith(
+        f"tickguard: database: gave up after waiting 30 s for the database at {where}"
+    ), lines[-1]
+    assert "Traceback" not in done.stderr
+    assert len(lines) <= 8, "\n".join(lines)
+    assert waited >= 30
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_waiting_for_the_database_stops_in_one_line(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    env, _ = unreachable_database(tmp_path)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tickguard", "serve"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting for the database" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        process.send_signal(sig)
+        code = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = log.read_text().splitlines()
+    assert code == 0, "\n".join(lines)
+    assert "Traceback" not in log.read_text()
+    assert lines[-1].endswith(f"received {sig.name} while starting; stopped"), lines[-1]
+    assert len(lines) <= 5, "\n".join(lines)

@@ -313,3 +313,36 @@ def test_runs_as_a_normal_user(template: Path, tmp_path: Path) -> None:
 def test_bin_dir_holds_the_dump_and_restore_tools() -> None:
     for tool in ("pg_dump", "pg_restore", "psql", "postgres", "initdb"):
         assert os.access(bin_dir() / tool, os.X_OK), tool
+
+
+def test_restart_after_the_server_was_killed_keeps_data_dsn_and_directory(
+    initialised: Path,
+) -> None:
+    server = EmbeddedPostgres(initialised)
+    dsn = server.start()
+    try:
+        killed = server.pid
+        assert killed is not None and server.running
+        fetch(dsn, "INSERT INTO seed VALUES (4, 'committed before the kill')")
+        os.kill(killed, signal.SIGKILL)
+
+        async def exit_status() -> int:
+            with trio.fail_after(HANG_GUARD):
+                return await server.wait_exited()
+
+        assert trio.run(exit_status) == -signal.SIGKILL
+        assert gone(killed) and not psutil.pid_exists(killed), "reaped, not left a zombie"
+        assert not server.running
+        # Dead, but still ours: nobody else may take the directory meanwhile.
+        with pytest.raises(EmbeddedDatabaseError, match="in use by another"):
+            EmbeddedPostgres(initialised).start()
+
+        assert server.restart() == dsn
+        assert server.running and server.pid != killed
+        rows = fetch(dsn, "SELECT note FROM seed WHERE id = 4")
+        assert [row["note"] for row in rows] == ["committed before the kill"]
+        with pytest.raises(EmbeddedDatabaseError, match="still running"):
+            server.restart()
+    finally:
+        server.stop()
+    assert not (initialised / "pgdata" / "postmaster.pid").exists()
