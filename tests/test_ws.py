@@ -11,7 +11,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 from web_harness import (
+    TEST_ORIGIN,
     Stack,
+    make_settings,
     running_app,
     running_stack,
     services_without_database,
@@ -202,3 +204,59 @@ async def test_plain_http_on_the_websocket_path_says_to_upgrade(db: Database) ->
     assert response.status_code == 426
     assert response.headers["upgrade"] == "websocket"
     assert "WebSocket" in response.json()["error"]
+
+
+# ------------------------------------------------------------------- Origin (CSWSH, finding 3)
+async def _ready_with_origin(url: str, origin: str) -> dict[str, Any]:
+    async with open_websocket_url(url, extra_headers=[(b"Origin", origin.encode())]) as ws:
+        return await _message(ws)
+
+
+@pytest.mark.parametrize("origin", [TEST_ORIGIN, TEST_ORIGIN.upper(), "http://LOCALHOST:5173"])
+async def test_an_origin_in_cors_origin_may_open_ws(db: Database, origin: str) -> None:
+    async with running_stack(db) as stack:
+        ready = await _ready_with_origin(stack.ws_url("alice"), origin)
+    assert ready["type"] == "connection.ready"
+
+
+async def test_the_servers_own_origin_may_open_ws(db: Database) -> None:
+    """The dashboard served at ``/`` opens /ws from the server's own origin."""
+    async with running_stack(db) as stack:
+        ready = await _ready_with_origin(stack.ws_url("alice"), stack.base_url)
+    assert ready["type"] == "connection.ready"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "null",  # a sandboxed iframe or a file:// page
+        "http://localhost:5174",  # the allowed host on another port
+        "https://localhost:5173",  # the allowed host and port over another scheme
+        "http://localhost:5173.evil.example",
+        "not an origin",
+    ],
+)
+async def test_another_origin_is_refused_403_at_the_handshake(db: Database, origin: str) -> None:
+    async with running_stack(db) as stack:
+        with trio.fail_after(GUARD), pytest.raises(ConnectionRejected) as rejected:
+            await _ready_with_origin(stack.ws_url("alice"), origin)
+        assert stack.services.ws_stats.opened == 0
+    assert rejected.value.status_code == 403
+    assert rejected.value.body is not None
+    assert json.loads(rejected.value.body)["error"] == "This Origin may not open /ws."
+
+
+async def test_an_origin_on_another_port_of_the_servers_host_is_refused(db: Database) -> None:
+    async with running_stack(db) as stack:
+        port = httpx.URL(stack.base_url).port
+        assert port is not None
+        with trio.fail_after(GUARD), pytest.raises(ConnectionRejected) as rejected:
+            await _ready_with_origin(stack.ws_url("alice"), f"http://127.0.0.1:{port + 1}")
+    assert rejected.value.status_code == 403
+
+
+async def test_with_cors_origin_star_any_origin_may_open_ws(db: Database) -> None:
+    async with running_stack(db, settings=make_settings(cors_origins=("*",))) as stack:
+        ready = await _ready_with_origin(stack.ws_url("alice"), "http://evil.example")
+    assert ready["type"] == "connection.ready"

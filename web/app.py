@@ -17,8 +17,9 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from tickguard.config import Settings
-from tickguard.web import cors, errors, isolation, request_ids
+from tickguard.web import content_type, cors, errors, isolation, origin, request_ids
 from tickguard.web.dashboard import dashboard
+from tickguard.web.early_answer import EarlyAnswerClose
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
@@ -44,6 +45,8 @@ def create_app(services: AppServices) -> QuartTrio:
     app.extensions[LIVE_SESSIONS] = LiveSessions()
     errors.install(app)
     cors.install(app, services.settings.cors_origins)
+    content_type.install(app)  # after CORS: a preflight has no body to check
+    origin.install(app, services.settings.cors_origins)
     app.register_blueprint(routes)
     app.register_blueprint(ws)
     app.register_blueprint(openapi)
@@ -92,4 +95,6 @@ async def serve(
         await shutdown_trigger()
         sessions.close_all()
 
-    await hypercorn_serve(app, config, shutdown_trigger=stop, task_status=task_status)
+    # An answer sent before the body was read must end its connection (finding 9).
+    asgi = EarlyAnswerClose(app)
+    await hypercorn_serve(asgi, config, shutdown_trigger=stop, task_status=task_status)
