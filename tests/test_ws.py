@@ -22,6 +22,7 @@ from web_harness import (
 
 from tickguard.actors.messages import Event
 from tickguard.storage import Database
+from tickguard.web.seq_reader import SeqReader
 
 GUARD = 10  # seconds: a hang guard, never a speed assertion
 
@@ -260,3 +261,91 @@ async def test_with_cors_origin_star_any_origin_may_open_ws(db: Database) -> Non
     async with running_stack(db, settings=make_settings(cors_origins=("*",))) as stack:
         ready = await _ready_with_origin(stack.ws_url("alice"), "http://evil.example")
     assert ready["type"] == "connection.ready"
+
+
+# ----------------------------------------------------- a burst of sessions (finding 6)
+async def test_the_seq_reader_answers_many_sessions_with_one_query(db: Database) -> None:
+    async with running_stack(db) as stack:
+        for user, count in (("burst-a", 3), ("burst-b", 1)):
+            for _ in range(count):
+                await _create(stack, user)
+    reader = SeqReader(db)
+    users = ["burst-a", "burst-b", "burst-none"] * 200
+    answers: list[tuple[str, int]] = []
+
+    async def ask(user: str) -> None:
+        answers.append((user, await reader.latest(user)))
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            for user in users:
+                nursery.start_soon(ask, user)
+    expected = {"burst-a": 3, "burst-b": 1, "burst-none": 0}
+    assert sorted(answers) == sorted((user, expected[user]) for user in users)
+    assert (reader.reads, reader.answered) == (1, len(users))
+
+
+async def test_sessions_that_leave_while_waiting_do_not_stall_the_others(db: Database) -> None:
+    """Half the askers are cancelled (their clients left) at once, whoever was leading."""
+    reader = SeqReader(db)
+    answered: list[int] = []
+
+    async def ask(scope: trio.CancelScope) -> None:
+        with scope:
+            answered.append(await reader.latest("burst-leaver"))
+
+    for _ in range(20):
+        scopes = [trio.CancelScope() for _ in range(40)]
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                for scope in scopes:
+                    nursery.start_soon(ask, scope)
+                await trio.lowlevel.checkpoint()
+                await (
+                    trio.lowlevel.checkpoint()
+                )  # the first read has started: cancel its leader and others
+                for scope in scopes[::2]:
+                    scope.cancel()
+    assert len(answered) >= 20 * 20  # each round: every asker that was not cancelled
+    assert set(answered) == {0}
+
+
+BURST = 2000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_burst_of_2000_sessions_all_get_connection_ready(db: Database) -> None:
+    """2,000 simultaneous connects on a healthy database: every one gets connection.ready
+    with its user's seq (none is closed 1011 waiting for a pool connection)."""
+    users = [f"burst-{i % 50}" for i in range(BURST)]
+    ready: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
+    all_in = trio.Event()
+    async with running_stack(db) as stack:
+        for i in range(5):  # some users have history: their seq is not 0
+            for _ in range(i + 1):
+                await _create(stack, f"burst-{i}")
+
+        async def session(i: int) -> None:
+            try:
+                async with open_websocket_url(stack.ws_url(users[i])) as ws:
+                    ready[i] = json.loads(await ws.get_message())
+                    if len(ready) + len(failed) == BURST:
+                        all_in.set()
+                    await all_in.wait()  # hold it open: all 2,000 are live at once
+            except (ConnectionClosed, ConnectionRejected, OSError) as exc:
+                failed[i] = repr(exc)
+                if len(ready) + len(failed) == BURST:
+                    all_in.set()
+
+        with trio.fail_after(240):  # a hang guard, not a speed assertion
+            async with trio.open_nursery() as nursery:
+                for i in range(BURST):
+                    nursery.start_soon(session, i)
+    assert failed == {}
+    expected = {f"burst-{i}": i + 1 for i in range(5)}
+    for i, message in ready.items():
+        assert message["type"] == "connection.ready"
+        assert message["seq"] == expected.get(users[i], 0)
+    print(f"{len(ready)} of {BURST} sessions got connection.ready")

@@ -24,6 +24,7 @@ from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
 from tickguard.web.routes import routes
+from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import EXTENSION, AppServices, FeedStatus, WsStats, services_of
 from tickguard.web.ws import LIVE_SESSIONS, MAX_FRAME_BYTES, LiveSessions, live_sessions, ws
 
@@ -43,6 +44,7 @@ def create_app(services: AppServices) -> QuartTrio:
     app.json = WireJSONProvider(app)
     app.extensions[EXTENSION] = services
     app.extensions[LIVE_SESSIONS] = LiveSessions()
+    app.extensions[SEQ_READER] = SeqReader(services.db)
     errors.install(app)
     cors.install(app, services.settings.cors_origins)
     content_type.install(app)  # after CORS: a preflight has no body to check

@@ -21,16 +21,20 @@ WebSocket and lifespan scopes pass through untouched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import trio
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 
 # Bounds the shielded end of one response: hypercorn's own socket writes are shielded too,
 # and a peer that stops reading must not hold the task past this.
 FINISH_S = 10.0
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
 
 
 class EarlyAnswers:
@@ -57,22 +61,26 @@ class EarlyAnswerClose:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        complete = not has_body(scope["headers"])
+        complete = not has_body(list(scope["headers"]))
 
-        async def tracked_receive() -> Message:
+        async def tracked_receive() -> ASGIReceiveEvent:
             nonlocal complete
-            message: Message = await receive()
+            event = await receive()
+            message = cast(dict[str, Any], event)
             if message["type"] == "http.request" and not message.get("more_body", False):
                 complete = True
             elif message["type"] == "http.disconnect":
                 complete = True  # nothing more will arrive on this request
-            return message
+            return event
 
-        async def guarded_send(message: Message) -> None:
+        async def guarded_send(event: ASGISendEvent) -> None:
+            message = cast(dict[str, Any], event)
             if message["type"] == "http.response.start" and not complete:
                 # The end of a small body may already wait in the queue for the app's reader
                 # task: let it run once, so that such a request keeps its connection.
@@ -82,13 +90,13 @@ class EarlyAnswerClose:
                 headers = list(message.get("headers", []))
                 if not any(name.lower() == b"connection" for name, _ in headers):
                     headers.append((b"connection", b"close"))
-                message = {**message, "headers": headers}
+                event = cast(ASGISendEvent, {**message, "headers": headers})
                 EarlyAnswers.count += 1
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 # The app's task may be cancelled by the disconnect this very send hands it.
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + FINISH_S):
-                    await send(message)
+                    await send(event)
                 return
-            await send(message)
+            await send(event)
 
         await self.app(scope, tracked_receive, guarded_send)

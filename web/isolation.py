@@ -53,4 +53,4 @@ def install() -> None:
     ``hypercorn.trio.run.worker_serve`` looks ``TCPServer`` up in its module when it accepts a
     connection; there is no other hook for a connection's lifetime. Idempotent.
     """
-    hypercorn_run.TCPServer = IsolatedConnection  # type: ignore[misc]
+    hypercorn_run.TCPServer = IsolatedConnection  # type: ignore[attr-defined]
