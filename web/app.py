@@ -33,6 +33,9 @@ __all__ = ["AppServices", "FeedStatus", "WsStats", "create_app", "serve", "servi
 MAX_BODY_BYTES = 64 * 1024
 # Seconds between the server's WebSocket pings (keep-alive through proxies and NATs).
 WS_PING_INTERVAL = 20.0
+# Connections the kernel queues before hypercorn accepts them (hypercorn's default is 100): a
+# burst of connects beyond it has its SYNs dropped and retried 1, 3, 7... s later (finding 6).
+LISTEN_BACKLOG = 4096
 # What hypercorn waits for open requests at shutdown; WebSockets are closed before it.
 GRACEFUL_TIMEOUT = 3.0
 
@@ -85,6 +88,7 @@ async def serve(
     config.websocket_max_message_size = MAX_FRAME_BYTES
     config.websocket_ping_interval = ws_ping_interval
     config.graceful_timeout = graceful_timeout
+    config.backlog = LISTEN_BACKLOG  # the kernel caps it at net.core.somaxconn
     config.accesslog = None
     # hypercorn's own stderr handler would bypass LOG_FORMAT; its logger propagates to ours.
     config.errorlog = logging.getLogger("hypercorn.error")
