@@ -139,6 +139,18 @@ async def latest_seq(db: Database, user_id: str) -> int:
     return int(seq or 0)
 
 
+async def latest_seqs(db: Database, user_ids: Sequence[str]) -> dict[str, int]:
+    """The latest event number of each of ``user_ids`` (0 before a user's first event), in
+    one query on one pool connection. Raises ``DatabaseUnavailable`` like every call."""
+    wanted = list(dict.fromkeys(user_ids))
+    rows = await db.fetch(
+        "SELECT user_id, seq FROM user_seq WHERE user_id = ANY($1::text[])", wanted
+    )
+    seqs = dict.fromkeys(wanted, 0)
+    seqs.update((row["user_id"], int(row["seq"])) for row in rows)
+    return seqs
+
+
 # --- creates -----------------------------------------------------------------------------------
 
 

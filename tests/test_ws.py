@@ -3,15 +3,23 @@ persistence actors on the test database."""
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    open_websocket_url,
+)
 from web_harness import (
+    TEST_ORIGIN,
     Stack,
+    make_settings,
     running_app,
     running_stack,
     services_without_database,
@@ -20,6 +28,7 @@ from web_harness import (
 
 from tickguard.actors.messages import Event
 from tickguard.storage import Database
+from tickguard.web.seq_reader import SeqReader
 
 GUARD = 10  # seconds: a hang guard, never a speed assertion
 
@@ -202,3 +211,148 @@ async def test_plain_http_on_the_websocket_path_says_to_upgrade(db: Database) ->
     assert response.status_code == 426
     assert response.headers["upgrade"] == "websocket"
     assert "WebSocket" in response.json()["error"]
+
+
+# ------------------------------------------------------------------- Origin (CSWSH, finding 3)
+async def _ready_with_origin(url: str, origin: str) -> dict[str, Any]:
+    async with open_websocket_url(url, extra_headers=[(b"Origin", origin.encode())]) as ws:
+        return await _message(ws)
+
+
+@pytest.mark.parametrize("origin", [TEST_ORIGIN, TEST_ORIGIN.upper(), "http://LOCALHOST:5173"])
+async def test_an_origin_in_cors_origin_may_open_ws(db: Database, origin: str) -> None:
+    async with running_stack(db) as stack:
+        ready = await _ready_with_origin(stack.ws_url("alice"), origin)
+    assert ready["type"] == "connection.ready"
+
+
+async def test_the_servers_own_origin_may_open_ws(db: Database) -> None:
+    """The dashboard served at ``/`` opens /ws from the server's own origin."""
+    async with running_stack(db) as stack:
+        ready = await _ready_with_origin(stack.ws_url("alice"), stack.base_url)
+    assert ready["type"] == "connection.ready"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "null",  # a sandboxed iframe or a file:// page
+        "http://localhost:5174",  # the allowed host on another port
+        "https://localhost:5173",  # the allowed host and port over another scheme
+        "http://localhost:5173.evil.example",
+        "not an origin",
+    ],
+)
+async def test_another_origin_is_refused_403_at_the_handshake(db: Database, origin: str) -> None:
+    async with running_stack(db) as stack:
+        with trio.fail_after(GUARD), pytest.raises(ConnectionRejected) as rejected:
+            await _ready_with_origin(stack.ws_url("alice"), origin)
+        assert stack.services.ws_stats.opened == 0
+    assert rejected.value.status_code == 403
+    assert rejected.value.body is not None
+    assert json.loads(rejected.value.body)["error"] == "This Origin may not open /ws."
+
+
+async def test_an_origin_on_another_port_of_the_servers_host_is_refused(db: Database) -> None:
+    async with running_stack(db) as stack:
+        port = httpx.URL(stack.base_url).port
+        assert port is not None
+        with trio.fail_after(GUARD), pytest.raises(ConnectionRejected) as rejected:
+            await _ready_with_origin(stack.ws_url("alice"), f"http://127.0.0.1:{port + 1}")
+    assert rejected.value.status_code == 403
+
+
+async def test_with_cors_origin_star_any_origin_may_open_ws(db: Database) -> None:
+    async with running_stack(db, settings=make_settings(cors_origins=("*",))) as stack:
+        ready = await _ready_with_origin(stack.ws_url("alice"), "http://evil.example")
+    assert ready["type"] == "connection.ready"
+
+
+# ----------------------------------------------------- a burst of sessions (finding 6)
+async def test_the_seq_reader_answers_many_sessions_with_one_query(db: Database) -> None:
+    async with running_stack(db) as stack:
+        for user, count in (("burst-a", 3), ("burst-b", 1)):
+            for _ in range(count):
+                await _create(stack, user)
+    reader = SeqReader(db)
+    users = ["burst-a", "burst-b", "burst-none"] * 200
+    answers: list[tuple[str, int]] = []
+
+    async def ask(user: str) -> None:
+        answers.append((user, await reader.latest(user)))
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            for user in users:
+                nursery.start_soon(ask, user)
+    expected = {"burst-a": 3, "burst-b": 1, "burst-none": 0}
+    assert sorted(answers) == sorted((user, expected[user]) for user in users)
+    assert (reader.reads, reader.answered) == (1, len(users))
+
+
+async def test_sessions_that_leave_while_waiting_do_not_stall_the_others(db: Database) -> None:
+    """Half the askers are cancelled (their clients left) at once, whoever was leading."""
+    reader = SeqReader(db)
+    answered: list[int] = []
+
+    async def ask(scope: trio.CancelScope) -> None:
+        with scope:
+            answered.append(await reader.latest("burst-leaver"))
+
+    for _ in range(20):
+        scopes = [trio.CancelScope() for _ in range(40)]
+        with trio.fail_after(GUARD):
+            async with trio.open_nursery() as nursery:
+                for scope in scopes:
+                    nursery.start_soon(ask, scope)
+                await trio.lowlevel.checkpoint()
+                await (
+                    trio.lowlevel.checkpoint()
+                )  # the first read has started: cancel its leader and others
+                for scope in scopes[::2]:
+                    scope.cancel()
+    assert len(answered) >= 20 * 20  # each round: every asker that was not cancelled
+    assert set(answered) == {0}
+
+
+BURST = 2000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_burst_of_2000_sessions_all_get_connection_ready(db: Database) -> None:
+    """2,000 simultaneous connects on a healthy database: every one gets connection.ready
+    with its user's seq (none is closed 1011 waiting for a pool connection)."""
+    users = [f"burst-{i % 50}" for i in range(BURST)]
+    ready: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
+    all_in = trio.Event()
+    async with running_stack(db) as stack:
+        for i in range(5):  # some users have history: their seq is not 0
+            for _ in range(i + 1):
+                await _create(stack, f"burst-{i}")
+
+        async def session(i: int) -> None:
+            try:
+                async with open_websocket_url(stack.ws_url(users[i])) as ws:
+                    ready[i] = json.loads(await ws.get_message())
+                    if len(ready) + len(failed) == BURST:
+                        all_in.set()
+                    await all_in.wait()  # hold it open: all 2,000 are live at once
+            except (ConnectionClosed, HandshakeError, OSError) as exc:
+                failed[i] = repr(exc)
+                if len(ready) + len(failed) == BURST:
+                    all_in.set()
+
+        with trio.fail_after(240):  # a hang guard, not a speed assertion
+            async with trio.open_nursery() as nursery:
+                for i in range(BURST):
+                    nursery.start_soon(session, i)
+    print("burst:", len(ready), "ready,", collections.Counter(failed.values()).most_common(3))
+    assert failed == {}
+    expected = {f"burst-{i}": i + 1 for i in range(5)}
+    for i, message in ready.items():
+        assert message["type"] == "connection.ready"
+        assert message["seq"] == expected.get(users[i], 0)
+    print(f"{len(ready)} of {BURST} sessions got connection.ready")

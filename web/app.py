@@ -17,12 +17,14 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from tickguard.config import Settings
-from tickguard.web import cors, errors, isolation, request_ids
+from tickguard.web import content_type, cors, errors, isolation, origin, request_ids
 from tickguard.web.dashboard import dashboard
+from tickguard.web.early_answer import EarlyAnswerClose
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
 from tickguard.web.routes import routes
+from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import EXTENSION, AppServices, FeedStatus, WsStats, services_of
 from tickguard.web.ws import LIVE_SESSIONS, MAX_FRAME_BYTES, LiveSessions, live_sessions, ws
 
@@ -31,6 +33,9 @@ __all__ = ["AppServices", "FeedStatus", "WsStats", "create_app", "serve", "servi
 MAX_BODY_BYTES = 64 * 1024
 # Seconds between the server's WebSocket pings (keep-alive through proxies and NATs).
 WS_PING_INTERVAL = 20.0
+# Connections the kernel queues before hypercorn accepts them (hypercorn's default is 100): a
+# burst of connects beyond it has its SYNs dropped and retried 1, 3, 7... s later (finding 6).
+LISTEN_BACKLOG = 4096
 # What hypercorn waits for open requests at shutdown; WebSockets are closed before it.
 GRACEFUL_TIMEOUT = 3.0
 
@@ -45,8 +50,11 @@ def create_app(services: AppServices) -> QuartTrio:
     app.json = WireJSONProvider(app)
     app.extensions[EXTENSION] = services
     app.extensions[LIVE_SESSIONS] = LiveSessions()
+    app.extensions[SEQ_READER] = SeqReader(services.db)
     errors.install(app)
     cors.install(app, services.settings.cors_origins)
+    content_type.install(app)  # after CORS: a preflight has no body to check
+    origin.install(app, services.settings.cors_origins)
     app.register_blueprint(routes)
     app.register_blueprint(ws)
     app.register_blueprint(openapi)
@@ -83,6 +91,7 @@ async def serve(
     config.websocket_max_message_size = MAX_FRAME_BYTES
     config.websocket_ping_interval = ws_ping_interval
     config.graceful_timeout = graceful_timeout
+    config.backlog = LISTEN_BACKLOG  # the kernel caps it at net.core.somaxconn
     config.accesslog = None
     # hypercorn's own stderr handler would bypass LOG_FORMAT; its logger propagates to ours.
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -95,4 +104,6 @@ async def serve(
         await shutdown_trigger()
         sessions.close_all()
 
-    await hypercorn_serve(app, config, shutdown_trigger=stop, task_status=task_status)
+    # An answer sent before the body was read must end its connection (finding 9).
+    asgi = EarlyAnswerClose(app)
+    await hypercorn_serve(asgi, config, shutdown_trigger=stop, task_status=task_status)

@@ -81,6 +81,7 @@ _COMMON = {
 _BODY_ERRORS = {
     400: "Validation error, or a body that is not JSON.",
     413: "Body larger than 64 KiB.",
+    415: "Content-Type is not application/json (parameters such as charset allowed).",
 }
 _UNAVAILABLE = {503: "Database unavailable (or an actor did not answer); see Retry-After."}
 

@@ -1,6 +1,7 @@
 """The ``/ws`` endpoint: one user's committed events, pushed as they commit.
 
-A session joins fanout, then reads the user's latest ``seq`` and announces it in
+A session joins fanout, then reads the user's latest ``seq`` (through ``SeqReader``, which
+batches the reads of every session connecting at the same time) and announces it in
 ``connection.ready``. Joining first means no event committed after that seq can be missed;
 dropping queued events with ``seq <= N`` means none the client already has is sent twice.
 The session then forwards what fanout queues for it and answers ``{"type": "ping"}`` with
@@ -32,9 +33,9 @@ from tickguard.actors.fanout import (
 )
 from tickguard.actors.wire import dumps, loads
 from tickguard.storage import DatabaseUnavailable
-from tickguard.storage.positions import latest_seq
 from tickguard.web.errors import ApiError
 from tickguard.web.schemas import FieldError, parse_user_id
+from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import WsStats, services_of
 
 log = logging.getLogger("tickguard.web.ws")
@@ -74,6 +75,11 @@ def live_sessions(app: QuartTrio) -> LiveSessions:
     return sessions
 
 
+def seq_reader(app: QuartTrio) -> SeqReader:
+    reader: SeqReader = app.extensions[SEQ_READER]
+    return reader
+
+
 @ws.get("/ws")
 async def not_upgraded() -> Response:
     """A plain HTTP request on the WebSocket path: say what it is instead of a vague 400."""
@@ -106,7 +112,8 @@ async def events() -> None:
         # Join before reading the seq: nothing committed after it can be missed.
         await services.fanout.send(Join(session))
         try:
-            seq = await latest_seq(services.db, user_id)
+            # Batched with every session connecting now: a burst needs no connection each.
+            seq = await seq_reader(current_app).latest(user_id)  # type: ignore[arg-type]
         except DatabaseUnavailable as exc:
             log.warning("no starting seq for a WebSocket session: %s", exc)
             await websocket.close(INTERNAL_ERROR, "database unavailable")

@@ -5,6 +5,9 @@ import { defineConfig } from "vitest/config";
 export default defineConfig({
   test: {
     environment: "jsdom",
+    // The page's origin: the React dev server's, which CORS_ORIGIN allows (tickguard's /ws
+    // refuses other Origins with 403; jsdom's default page is http://localhost:3000).
+    environmentOptions: { jsdom: { url: "http://localhost:5173/" } },
     include: ["tests/**/*.test.{ts,tsx}"],
     globalSetup: ["tests/globalSetup.ts"],
     setupFiles: ["tests/setup.ts"],

@@ -6,9 +6,12 @@
 import { createServer } from "vite";
 import { clientRoot, startStack } from "../tests/support/servers.mjs";
 
-const stack = await startStack({ label: "demo" });
-process.env.TICKGUARD_URL = stack.apiBaseUrl; // read by vite.config.ts's proxy
 const port = Number(process.env.DEMO_PORT ?? 5173);
+// The page runs on Vite's origin and Vite's proxy keeps the browser's Origin on /ws: tickguard
+// accepts a WebSocket only from CORS_ORIGIN (or its own origin), so Vite's origin is listed.
+const corsOrigin = `http://127.0.0.1:${port},http://localhost:${port}`;
+const stack = await startStack({ label: "demo", corsOrigin });
+process.env.TICKGUARD_URL = stack.apiBaseUrl; // read by vite.config.ts's proxy
 const vite = await createServer({
   configFile: `${clientRoot}/vite.config.ts`,
   server: { host: "127.0.0.1", port, strictPort: true },

@@ -32,13 +32,16 @@ let profileDir;
 before(async () => {
   assert.ok(existsSync(join(clientRoot, "demo/dist/index.html")), "build the demo first (npm run build)");
   assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium`);
-  stack = await startStack({ label: "browser" });
+  // The page's origin is vite preview's, and its proxy keeps the browser's Origin on /ws:
+  // tickguard accepts the WebSocket only from an origin in CORS_ORIGIN (or its own).
+  const port = await freePort();
+  stack = await startStack({ label: "browser", corsOrigin: `http://127.0.0.1:${port}` });
   // vite.config.ts reads TICKGUARD_URL for its proxy when the config is loaded.
   process.env.TICKGUARD_URL = stack.apiBaseUrl;
   server = await preview({
     configFile: join(clientRoot, "vite.config.ts"),
     logLevel: "warn",
-    preview: { host: "127.0.0.1", port: await freePort(), strictPort: true },
+    preview: { host: "127.0.0.1", port, strictPort: true },
   });
   profileDir = mkdtempSync(join(tmpdir(), "tickguard-chromium-"));
   context = await chromium.launchPersistentContext(profileDir, {
