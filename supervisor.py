@@ -40,7 +40,7 @@ import trio
 from tickguard.actors import engine, fanout, feed, persistence, products
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import Track, Untrack
+from tickguard.actors.messages import FanoutMessage, PersistenceRequest, Track, Untrack
 from tickguard.actors.supervision import (
     ChildSpec,
     RestartPolicy,
@@ -49,8 +49,7 @@ from tickguard.actors.supervision import (
 )
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, runtime
-from tickguard.storage import positions as store
+from tickguard.storage import Database, loading, runtime
 from tickguard.storage.embedded import EmbeddedPostgres, watch_server
 from tickguard.storage.outage import quiet_outages
 
@@ -72,7 +71,7 @@ class EngineDirectory:
         self,
         db: Database,
         slots: WindowSlots,
-        persistence_box: Mailbox[Any],
+        persistence_box: Mailbox[PersistenceRequest],
         feed_box: Mailbox[Any] | None,
         *,
         engine_config: engine.EngineConfig = engine.EngineConfig(),
@@ -101,7 +100,7 @@ class EngineDirectory:
 
     async def _run_starter(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Start an engine for every symbol with open positions, then each new symbol."""
-        for symbol in await store.open_symbols(self.db):
+        for symbol in await loading.open_symbols(self.db):
             self._mailbox(symbol)
         for symbol in list(self.mailboxes):  # also after a restart of this supervisor
             await self._ensure(symbol)
@@ -121,7 +120,7 @@ class EngineDirectory:
             self.slots.get(symbol),
             self.mailboxes[symbol],
             self.persistence_box,
-            functools.partial(store.open_positions, self.db),
+            functools.partial(loading.open_positions, self.db),
             config=self.engine_config,
             stats=self.stats.setdefault(symbol, engine.EngineStats()),
             feed=self.feed_box,
@@ -140,8 +139,8 @@ class Tree:
     db: Database
     supervisor: Supervisor
     slots: WindowSlots
-    persistence_box: Mailbox[Any]
-    fanout_box: Mailbox[Any]
+    persistence_box: Mailbox[PersistenceRequest]
+    fanout_box: Mailbox[FanoutMessage]
     feed_box: Mailbox[Any]
     feed_status: feed.FeedStatus
     engines: EngineDirectory
@@ -176,8 +175,8 @@ def build_tree(
     from tickguard.web.metrics import MetricsSources
 
     slots = WindowSlots()
-    persistence_box: Mailbox[Any] = Mailbox("persistence")
-    fanout_box: Mailbox[Any] = Mailbox("fanout")
+    persistence_box: Mailbox[PersistenceRequest] = Mailbox("persistence")
+    fanout_box: Mailbox[FanoutMessage] = Mailbox("fanout")
     feed_box: Mailbox[Any] = Mailbox("feed")
     feed_status = feed.FeedStatus()
     catalog = products.ProductCatalog()
@@ -188,7 +187,7 @@ def build_tree(
     app = create_app(
         AppServices(
             settings=settings,
-            db=db,
+            db=db.read_only(),
             persistence=persistence_box,
             fanout=fanout_box,
             feed=feed_box,

@@ -40,6 +40,7 @@ from tickguard.actors.messages import (
     CloseOutcome,
     CloseRequest,
     CloseResult,
+    PersistenceRequest,
     Position,
     Track,
     Untrack,
@@ -49,7 +50,7 @@ from tickguard.actors.window import TickWindow, WindowSlot
 
 log = logging.getLogger(__name__)
 
-# The symbol's open positions, a page at a time (storage.positions.open_positions).
+# The symbol's open positions, a page at a time (storage.loading.open_positions).
 LoadOpen = Callable[[str], AsyncIterator[list[Position]]]
 
 
@@ -90,7 +91,7 @@ async def run(
     symbol: str,
     slot: WindowSlot,
     inbox: Mailbox[Track | Untrack],
-    persistence: Mailbox[CloseRequest],
+    persistence: Mailbox[PersistenceRequest],
     load_open: LoadOpen,
     *,
     config: EngineConfig = EngineConfig(),
@@ -260,7 +261,7 @@ class _Closer:
     def __init__(
         self,
         symbol: str,
-        persistence: Mailbox[CloseRequest],
+        persistence: Mailbox[PersistenceRequest],
         config: EngineConfig,
         stats: EngineStats,
         faults: FaultPoints | None = None,

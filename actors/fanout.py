@@ -2,7 +2,7 @@
 
 Persistence sends committed ``Event`` values here in commit order; the ``/ws`` endpoint sends
 ``Join``/``Leave`` for its sessions. Fanout never awaits a socket: it appends the event's text
-to each of the user's ``Session`` queues, which are bounded by bytes (DESIGN.md invariant 8).
+to each of the user's ``SessionQueue`` queues, which are bounded by bytes (DESIGN.md invariant 8).
 A session whose queue would overflow is closed with 1013 ("slow consumer") and dropped, and
 nobody else waits for it. When fanout stops, every session it had is closed (1012 when it
 crashed and will be restarted, 1001 when the process is shutting down), so that clients
@@ -11,7 +11,6 @@ reconnect and resync instead of silently missing events.
 
 from __future__ import annotations
 
-import collections
 import logging
 
 import attrs
@@ -20,17 +19,12 @@ import trio
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import Event
+from tickguard.actors.messages import Event, Join, Leave
+from tickguard.actors.session_queue import SessionQueue
+from tickguard.wire import GOING_AWAY, SERVICE_RESTART, TRY_AGAIN_LATER
 
 log = logging.getLogger("tickguard.fanout")
 
-# WebSocket close codes (RFC 6455 and the IANA registry) that tickguard uses.
-GOING_AWAY = 1001
-POLICY_VIOLATION = 1008
-MESSAGE_TOO_BIG = 1009
-INTERNAL_ERROR = 1011
-SERVICE_RESTART = 1012
-TRY_AGAIN_LATER = 1013
 
 # Large enough for a stop cascade of 10,000 positions (about 600 bytes per event).
 DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024
@@ -55,95 +49,6 @@ class FanoutConfig:
     stats: FanoutStats = attrs.field(factory=FanoutStats)
 
 
-class SessionClosed(Exception):
-    """The session was closed; its socket should be closed with ``code`` and ``reason``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-
-class Session:
-    """One WebSocket session's outbound queue: fanout pushes, the session's own task pulls.
-
-    Nothing here awaits a socket. ``push`` and ``close`` never block; ``next_message`` waits
-    for the next queued text or raises ``SessionClosed`` once the session is closed (what was
-    still queued is dropped: a closed client resyncs over REST anyway).
-    """
-
-    def __init__(self, user_id: str) -> None:
-        self.user_id = user_id
-        self._queue: collections.deque[tuple[int, str, int]] = collections.deque()
-        self._bytes = 0
-        self._floor = 0
-        self._wake = trio.Event()
-        self._closed: SessionClosed | None = None
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._bytes
-
-    @property
-    def closed(self) -> SessionClosed | None:
-        """The close (code and reason) once the session is closed, else None."""
-        return self._closed
-
-    def push(self, seq: int, message: str, size: int) -> None:
-        """Queue one event's text (``size`` its UTF-8 length); events at or below the floor
-        set by ``skip_through`` are dropped, since the client already has them."""
-        if self._closed is not None or seq <= self._floor:
-            return
-        self._queue.append((seq, message, size))
-        self._bytes += size
-        self._wake.set()
-
-    def skip_through(self, seq: int) -> None:
-        """Drop queued events with ``seq <= seq`` and every later push of one.
-
-        The endpoint calls this with the seq it announced in ``connection.ready``: events up to
-        there are in the client's REST state, so sending them would duplicate them.
-        """
-        self._floor = max(self._floor, seq)
-        kept = [item for item in self._queue if item[0] > self._floor]
-        self._queue = collections.deque(kept)
-        self._bytes = sum(size for _, _, size in kept)
-
-    def close(self, code: int, reason: str) -> None:
-        """Close the session (the first close wins) and drop its queue. Never blocks."""
-        if self._closed is None:
-            self._closed = SessionClosed(code, reason)
-        self._queue.clear()
-        self._bytes = 0
-        self._wake.set()
-
-    async def next_message(self) -> str:
-        """Wait for the next queued message. Raises ``SessionClosed`` when closed."""
-        while True:
-            if self._closed is not None:
-                raise self._closed
-            if self._queue:
-                _, message, size = self._queue.popleft()
-                self._bytes -= size
-                return message
-            await self._wake.wait()
-            self._wake = trio.Event()
-
-
-@attrs.frozen(eq=False)
-class Join:
-    """/ws → fanout: deliver this user's events to ``session`` from now on."""
-
-    session: Session
-
-
-@attrs.frozen(eq=False)
-class Leave:
-    """/ws → fanout: the session ended; stop delivering to it."""
-
-    session: Session
-
-
 async def run(
     inbox: Mailbox[Event | Join | Leave],
     *,
@@ -158,7 +63,7 @@ async def run(
     socket, and never replies to anyone. On exit, closes every session it had.
     """
     stats = config.stats
-    by_user: dict[str, set[Session]] = {}
+    by_user: dict[str, set[SessionQueue]] = {}
     # The last seq handed out per user: persistence republishes its outbox after a crash or a
     # lost commit acknowledgement, and an event already delivered must not be sent twice.
     delivered: dict[str, int] = {}
@@ -175,13 +80,13 @@ async def run(
                 delivered[message.user_id] = message.seq
                 _deliver(by_user, message, config)
             elif isinstance(message, Join):
-                if message.session.closed is None:
-                    group = by_user.setdefault(message.session.user_id, set())
-                    if message.session not in group:
-                        group.add(message.session)
+                if message.queue.closed is None:
+                    group = by_user.setdefault(message.queue.user_id, set())
+                    if message.queue not in group:
+                        group.add(message.queue)
                         stats.sessions += 1
             elif isinstance(message, Leave):
-                _remove(by_user, message.session, stats)
+                _remove(by_user, message.queue, stats)
             else:
                 log.warning("fanout ignored an unexpected message: %r", message)
     except trio.Cancelled:
@@ -195,7 +100,7 @@ async def run(
         stats.sessions = 0
 
 
-def _deliver(by_user: dict[str, set[Session]], event: Event, config: FanoutConfig) -> None:
+def _deliver(by_user: dict[str, set[SessionQueue]], event: Event, config: FanoutConfig) -> None:
     stats = config.stats
     stats.events += 1
     group = by_user.get(event.user_id)
@@ -216,7 +121,9 @@ def _deliver(by_user: dict[str, set[Session]], event: Event, config: FanoutConfi
             stats.delivered += 1
 
 
-def _remove(by_user: dict[str, set[Session]], session: Session, stats: FanoutStats) -> None:
+def _remove(
+    by_user: dict[str, set[SessionQueue]], session: SessionQueue, stats: FanoutStats
+) -> None:
     group = by_user.get(session.user_id)
     if group is None or session not in group:
         return

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import trio
-
 
 class InjectedFault(Exception):
     """Raised at an armed fault point."""
@@ -38,10 +36,6 @@ class FaultPoints:
             raise InjectedFault(name)
 
         self.arm(name, boom, times)
-
-    def stall_at(self, name: str, release: trio.Event, times: int = 1) -> None:
-        """The next ``times`` hits of ``name`` wait until ``release`` is set."""
-        self.arm(name, release.wait, times)
 
     async def hit(self, name: str) -> None:
         self.hits[name] = self.hits.get(name, 0) + 1

@@ -1,104 +1,63 @@
-"""The frozen values that actors exchange over memory channels.
+"""The messages actors exchange over memory channels.
 
-No actor reads another actor's state: everything crosses a channel as one of these values.
-A request that wants an answer carries a one-slot reply channel (``reply``); the receiver
-sends exactly one value on it, or an exception instance when it failed.
+No actor reads another actor's state: everything crosses a channel as one of these values, or
+as one of the domain values (``tickguard.domain``, re-exported here for the actors' use). A
+request that wants an answer carries a one-slot reply channel (``reply``); the receiver sends
+exactly one value on it, or an exception instance when it failed.
 """
 
 from __future__ import annotations
 
-import enum
 import uuid
-from datetime import datetime
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import trio
 
-Side = Literal["long", "short"]
-Status = Literal["open", "closed"]
-CloseReason = Literal["take_profit", "stop_loss", "manual", "system"]
-EventSource = Literal["api", "engine"]
-EventType = Literal["position.created", "position.closed"]
+from tickguard.actors.session_queue import SessionQueue
+from tickguard.domain import (
+    CloseOrder,
+    CloseOutcome,
+    CloseReason,
+    CloseResult,
+    CreateResult,
+    Event,
+    EventSource,
+    EventType,
+    NewPosition,
+    Position,
+    Side,
+    Status,
+)
+
+__all__ = [
+    "CloseOrder",
+    "CloseOutcome",
+    "CloseReason",
+    "CloseRequest",
+    "CloseResult",
+    "CreateRequest",
+    "CreateResult",
+    "Event",
+    "FanoutMessage",
+    "EventSource",
+    "EventType",
+    "Join",
+    "Leave",
+    "NewPosition",
+    "PersistenceRequest",
+    "Position",
+    "Side",
+    "Status",
+    "Track",
+    "Untrack",
+    "WriteRejected",
+]
 
 
-@attrs.frozen
-class Position:
-    """One row of the positions table, as the database returned it."""
-
-    id: uuid.UUID
-    user_id: str
-    symbol: str
-    side: Side
-    entry_price: Decimal
-    take_profit: Decimal | None
-    stop_loss: Decimal | None
-    status: Status
-    close_price: Decimal | None
-    close_reason: CloseReason | None
-    created_at: datetime
-    updated_at: datetime
-    closed_at: datetime | None
-    triggered_at: datetime | None = None
-
-
-@attrs.frozen
-class NewPosition:
-    """A validated request to open a position (prices already checked against the bracket)."""
-
-    user_id: str
-    symbol: str
-    side: Side
-    entry_price: Decimal
-    take_profit: Decimal | None
-    stop_loss: Decimal | None
-    idempotency_key: str | None = None
-    # sha256 of the request as sent (web.routes.fingerprint): a replay of the key must match.
-    fingerprint: str | None = None
-
-
-@attrs.frozen
-class CloseOrder:
-    """Close one position at ``price`` for ``reason``.
-
-    ``user_id`` restricts the close to that user's position (manual closes); engines leave it
-    None. ``triggered_at`` is the Coinbase trade time that triggered an automatic close.
-    """
-
-    position_id: uuid.UUID
-    price: Decimal
-    reason: CloseReason
-    user_id: str | None = None
-    triggered_at: datetime | None = None
-
-
-class CloseOutcome(enum.Enum):
-    """What happened to one id of a close batch (DESIGN.md invariant 2)."""
-
-    CLOSED = "closed"
-    ALREADY_CLOSED = "already_closed"
-    NOT_FOUND = "not_found"
-    FAILED = "failed"
-
-
-@attrs.frozen
-class CloseResult:
-    """The outcome for one CloseOrder; ``position`` is the row after the close when CLOSED,
-    the current row when ALREADY_CLOSED, else None."""
-
-    position_id: uuid.UUID
-    outcome: CloseOutcome
-    position: Position | None = None
-
-
-@attrs.frozen
-class CreateResult:
-    """The committed position; ``created`` is False when an Idempotency-Key matched an
-    earlier request and no new row was written."""
-
-    position: Position
-    created: bool = True
+class WriteRejected(Exception):
+    """This request failed on its own (not because the database is away); nothing of it was
+    written. The web answers it 500; it never reaches other requests of the same group."""
 
 
 @attrs.frozen(eq=False)
@@ -120,21 +79,6 @@ class CloseRequest:
 
 
 @attrs.frozen
-class Event:
-    """A committed change, as written to the outbox and pushed to the user's sessions.
-
-    ``message`` is the JSON text sent on the WebSocket (type, source, seq, position).
-    """
-
-    id: int
-    user_id: str
-    seq: int
-    type: EventType
-    message: str
-    position_id: uuid.UUID | None = None
-
-
-@attrs.frozen
 class Track:
     """persistence → engine[symbol]: watch this open position (sent after its created event
     is queued for fanout, DESIGN.md invariant 9)."""
@@ -147,3 +91,22 @@ class Untrack:
     """persistence → engine[symbol]: this position closed (by any path); stop watching it."""
 
     position_id: uuid.UUID
+
+
+@attrs.frozen(eq=False)
+class Join:
+    """/ws → fanout: deliver this user's events to ``queue`` from now on."""
+
+    queue: SessionQueue
+
+
+@attrs.frozen(eq=False)
+class Leave:
+    """/ws → fanout: the session ended; stop delivering to it."""
+
+    queue: SessionQueue
+
+
+# What each actor's mailbox carries.
+PersistenceRequest = CreateRequest | CloseRequest
+FanoutMessage = Event | Join | Leave

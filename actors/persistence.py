@@ -40,19 +40,16 @@ from tickguard.actors.messages import (
     CreateRequest,
     Event,
     EventSource,
+    FanoutMessage,
+    PersistenceRequest,
     Position,
     Track,
     Untrack,
+    WriteRejected,
 )
-from tickguard.storage import Database, DatabaseUnavailable
-from tickguard.storage import positions as store
+from tickguard.storage import Database, DatabaseUnavailable, writes
 
 log = logging.getLogger("tickguard.actors.persistence")
-
-
-class WriteRejected(Exception):
-    """This request failed on its own (not because the database is away); nothing of it was
-    written. The web answers it 500; it never reaches other requests of the same group."""
 
 
 class EngineInboxes(Protocol):
@@ -69,7 +66,6 @@ class PersistenceConfig:
     # well inside the database call's timeout, and fanout delivers one piece while the next
     # one commits.
     close_chunk: int = 2500
-    outbox_retry_s: float = 1.0
 
 
 @attrs.define
@@ -82,9 +78,9 @@ class PersistenceStats:
 
 
 async def run(
-    inbox: Mailbox[CreateRequest | CloseRequest],
+    inbox: Mailbox[PersistenceRequest],
     db: Database,
-    fanout: Mailbox[Any],
+    fanout: Mailbox[FanoutMessage],
     engines: EngineInboxes,
     *,
     config: PersistenceConfig = PersistenceConfig(),
@@ -108,9 +104,9 @@ async def run(
 class _Persistence:
     def __init__(
         self,
-        inbox: Mailbox[CreateRequest | CloseRequest],
+        inbox: Mailbox[PersistenceRequest],
         db: Database,
-        fanout: Mailbox[Any],
+        fanout: Mailbox[FanoutMessage],
         engines: EngineInboxes,
         config: PersistenceConfig,
         stats: PersistenceStats,
@@ -165,7 +161,7 @@ class _Persistence:
 
     async def create(self, requests: Sequence[CreateRequest]) -> None:
         try:
-            results, events = await store.create_positions(
+            results, events = await writes.create_positions(
                 self.db, [r.new for r in requests], max_open_per_user=self.config.max_open_per_user
             )
         except DatabaseUnavailable as exc:
@@ -243,7 +239,7 @@ class _Persistence:
         being away, close its orders one by one so that only an order that fails alone is
         answered FAILED (and logged)."""
         try:
-            return await store.close_positions(self.db, piece, source=source)
+            return await writes.close_positions(self.db, piece, source=source)
         except DatabaseUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - isolated below, never swallowed
@@ -270,7 +266,7 @@ class _Persistence:
         self.unmarked += [e.id for e in events]
         await fault_points.hit(self.faults, "persistence.before_mark_published")
         try:
-            await store.mark_published(self.db, self.unmarked)
+            await writes.mark_published(self.db, self.unmarked)
         except DatabaseUnavailable as exc:
             # They stay unpublished in the database; a later recovery republishes them, and
             # fanout drops what it already delivered.
@@ -294,7 +290,7 @@ class _Persistence:
         acknowledgement may have been lost, so nobody told fanout or the engine.
         """
         while True:
-            events = await store.unpublished_events(self.db)
+            events = await writes.unpublished_events(self.db)
             if not events:
                 break
             created = [e for e in events if e.type == "position.created"]
@@ -305,7 +301,7 @@ class _Persistence:
                     self.engines.send(position.symbol, Track(position))
             for position in await _positions_of(self.db, closed):
                 self.untrack(position)
-            await store.mark_published(self.db, [e.id for e in events])
+            await writes.mark_published(self.db, [e.id for e in events])
             log.info("published %d events from the outbox", len(events))
         self.unmarked = []
         self.outbox_dirty = False
@@ -354,10 +350,4 @@ def log_closes(results: Sequence[CloseResult], source: EventSource) -> None:
 
 
 async def _positions_of(db: Database, events: Sequence[Event]) -> list[Position]:
-    if not events:
-        return []
-    rows = await db.fetch(
-        f"SELECT {store.COLUMNS} FROM positions WHERE id = ANY($1::uuid[])",
-        [e.position_id for e in events],
-    )
-    return [store.to_position(r) for r in rows]
+    return await writes.positions_by_id(db, [e.position_id for e in events if e.position_id])

@@ -109,6 +109,3 @@ class WindowSlots:
 
     def peek(self, symbol: str) -> WindowSlot | None:
         return self._slots.get(symbol)
-
-    def symbols(self) -> list[str]:
-        return list(self._slots)

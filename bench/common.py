@@ -33,8 +33,7 @@ import httpx
 import trio
 
 from tickguard.actors.messages import NewPosition
-from tickguard.storage import migrate, open_database
-from tickguard.storage import positions as store
+from tickguard.storage import migrate, open_database, writes
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -268,7 +267,7 @@ async def insert_positions(url: str, requests: Sequence[NewPosition], chunk: int
     before the service starts (its engine loads them as it starts)."""
     async with open_database(url, timeout=120.0) as db:
         for start in range(0, len(requests), chunk):
-            results, _ = await store.create_positions(
+            results, _ = await writes.create_positions(
                 db, requests[start : start + chunk], max_open_per_user=10**9
             )
             bad = [r for r in results if isinstance(r, Exception)]
@@ -524,7 +523,7 @@ class Listener:
         buffers fill and the server must not let that slow anyone else)."""
         import trio_websocket
 
-        from tickguard.actors.wire import loads
+        from tickguard.wire import loads
 
         async with trio_websocket.open_websocket_url(
             f"{ws_base}/ws?userId={self.user}", message_queue_size=1

@@ -35,8 +35,8 @@ from bench.common import (
     serve_subprocess,
     write_result,
 )
-from tickguard.actors.wire import loads
 from tickguard.sim import open_simulator
+from tickguard.wire import loads
 
 NAME = "latency"
 OPEN_POSITIONS = 10_000

@@ -1,19 +1,28 @@
 """Database access: the only package that imports asyncpg or trio-asyncio.
 
 ``open_database`` is the runtime (asyncio loop + pool) that ``main()`` enters around the tree;
-everything else calls the plain Trio functions of ``tickguard.storage.positions`` with the
-``Database`` it yields.
+everything else calls plain Trio functions with the ``Database`` it yields, from the module
+of its role: ``writes`` (the persistence actor: positions and their outbox events),
+``reads`` (the web: lists, one position, the latest seq), ``loading`` (engines at start).
 """
 
-from tickguard.storage.db import Database, DatabaseUnavailable, open_database, open_pool
+from tickguard.storage.db import (
+    Database,
+    DatabaseUnavailable,
+    ReadOnlyDatabase,
+    open_database,
+    open_pool,
+)
+from tickguard.storage.errors import BadCursor, IdempotencyKeyReused, OpenPositionLimit
 from tickguard.storage.migrate import migrate
-from tickguard.storage.positions import BadCursor, OpenPositionLimit
 
 __all__ = [
     "BadCursor",
+    "IdempotencyKeyReused",
     "Database",
     "DatabaseUnavailable",
     "OpenPositionLimit",
+    "ReadOnlyDatabase",
     "migrate",
     "open_database",
     "open_pool",

@@ -87,6 +87,10 @@ class Database:
         """Raise ``DatabaseUnavailable`` unless the server answers ``SELECT 1`` in time."""
         await self.fetchval("SELECT 1", timeout=timeout)
 
+    def read_only(self) -> ReadOnlyDatabase:
+        """This pool's reading half (for the web)."""
+        return ReadOnlyDatabase(self)
+
     async def _on_connection(self, fn: ConnFn[T], *args: Any) -> T:
         # Runs on the asyncio loop.
         conn = await self._pool.acquire()
@@ -98,6 +102,32 @@ class Database:
             raise
         finally:
             await self._pool.release(conn)
+
+
+class ReadOnlyDatabase:
+    """The reading half of a ``Database``: what the web holds, so that no request handler can
+    write (every write goes through the persistence actor, DESIGN.md "Shape"). Same calls,
+    timeouts and errors as ``Database``; nothing that executes a statement or a transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.timeout = db.timeout
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        return await self._db.fetch(query, *args, timeout=timeout)
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self._db.fetchrow(query, *args, timeout=timeout)
+
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self._db.fetchval(query, *args, timeout=timeout)
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        await self._db.ping(timeout)
+
+
+# What a read needs: a ``Database`` or its read-only half.
+Reader = Database | ReadOnlyDatabase
 
 
 async def _in_transaction(conn: asyncpg.Connection, fn: ConnFn[T], *args: Any) -> T:

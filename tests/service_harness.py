@@ -17,11 +17,11 @@ import trio_websocket
 from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.supervision import RestartPolicy
-from tickguard.actors.wire import loads
 from tickguard.config import Settings
 from tickguard.sim import Simulator
 from tickguard.storage import Database
 from tickguard.supervisor import Tree, build_tree
+from tickguard.wire import loads
 
 
 def service_settings(sim: Simulator, **changes: Any) -> Settings:

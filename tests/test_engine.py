@@ -75,7 +75,7 @@ class Persistence:
 
     async def load_open(self, symbol: str) -> AsyncIterator[list[Position]]:
         self.load_calls.append(symbol)
-        # Two pages, as storage.positions.open_positions would send them.
+        # Two pages, as storage.loading.open_positions would send them.
         rows = [p for p in self.rows.values() if p.symbol == symbol and p.status == "open"]
         yield rows[: len(rows) // 2]
         yield rows[len(rows) // 2 :]

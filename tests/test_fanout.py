@@ -14,10 +14,11 @@ import trio.lowlevel
 import trio.testing
 
 from tickguard.actors import fanout
-from tickguard.actors.fanout import FanoutConfig, Join, Leave, Session, SessionClosed
+from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import Event, Position
-from tickguard.actors.wire import event_message
+from tickguard.actors.messages import Event, Join, Leave, Position
+from tickguard.actors.session_queue import SessionClosed, SessionQueue
+from tickguard.wire import event_message
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def _event(user: str, seq: int, size: int = 100) -> Event:
     return Event(id=seq, user_id=user, seq=seq, type="position.created", message="x" * size)
 
 
-async def _drain(session: Session) -> list[str]:
+async def _drain(session: SessionQueue) -> list[str]:
     """Everything queued right now (the session is not closed)."""
     out = []
     while session.queued_bytes:
@@ -61,7 +62,7 @@ async def test_events_reach_only_their_users_sessions_in_order(
     running: tuple[Mailbox[object], FanoutConfig],
 ) -> None:
     inbox, _ = running
-    alice1, alice2, bob = Session("alice"), Session("alice"), Session("bob")
+    alice1, alice2, bob = SessionQueue("alice"), SessionQueue("alice"), SessionQueue("bob")
     for session in (alice1, alice2, bob):
         await inbox.send(Join(session))
     for seq in (1, 2, 3):
@@ -77,7 +78,7 @@ async def test_slow_session_is_dropped_with_1013_and_the_other_gets_everything(
     running: tuple[Mailbox[object], FanoutConfig],
 ) -> None:
     inbox, config = running
-    slow, fast = Session("alice"), Session("alice")
+    slow, fast = SessionQueue("alice"), SessionQueue("alice")
     await inbox.send(Join(slow))
     await inbox.send(Join(fast))
     received: list[str] = []
@@ -106,7 +107,7 @@ async def test_the_default_queue_holds_a_10000_position_cascade(
     message = event_message("position.closed", "engine", 1, position)
     inbox: Mailbox[object] = Mailbox("fanout")
     config = FanoutConfig()
-    session = Session(position.user_id)
+    session = SessionQueue(position.user_id)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(fanout.run, inbox, config=config))
         await inbox.send(Join(session))
@@ -130,7 +131,7 @@ async def test_skip_through_drops_what_the_client_already_has(
     running: tuple[Mailbox[object], FanoutConfig],
 ) -> None:
     inbox, _ = running
-    session = Session("alice")
+    session = SessionQueue("alice")
     await inbox.send(Join(session))
     for seq in (1, 2, 3):
         await inbox.send(_event("alice", seq, size=seq))
@@ -147,7 +148,7 @@ async def test_leave_and_closed_sessions_stop_delivery(
     running: tuple[Mailbox[object], FanoutConfig],
 ) -> None:
     inbox, config = running
-    left, ended, stays = Session("alice"), Session("alice"), Session("alice")
+    left, ended, stays = SessionQueue("alice"), SessionQueue("alice"), SessionQueue("alice")
     for session in (left, ended, stays):
         await inbox.send(Join(session))
     await inbox.send(Leave(left))
@@ -163,7 +164,7 @@ async def test_a_crashed_fanout_closes_its_sessions_with_1012(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     inbox: Mailbox[object] = Mailbox("fanout")
-    session = Session("alice")
+    session = SessionQueue("alice")
 
     async def crashing(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with pytest.raises(AttributeError):
@@ -183,7 +184,7 @@ async def test_a_cancelled_fanout_closes_its_sessions_with_1001(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     inbox: Mailbox[object] = Mailbox("fanout")
-    session = Session("alice")
+    session = SessionQueue("alice")
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(fanout.run, inbox, config=FanoutConfig()))
         await inbox.send(Join(session))
@@ -196,7 +197,7 @@ async def test_a_cancelled_fanout_closes_its_sessions_with_1001(
 async def test_next_message_waits_until_something_is_pushed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    session = Session("alice")
+    session = SessionQueue("alice")
     got: list[str] = []
 
     async def reader() -> None:

@@ -22,11 +22,11 @@ from web_harness import (
 from tickguard.actors.feed import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
-from tickguard.actors.wire import dumps, loads, position_to_json
 from tickguard.storage import Database
 from tickguard.web import routes
 from tickguard.web.app import AppServices, create_app
 from tickguard.web.openapi import ROUTES, document
+from tickguard.wire import dumps, loads, position_to_json
 
 USER = "alice"
 
@@ -484,10 +484,10 @@ async def test_list_pages_with_cursor_and_validates_query(db: Database) -> None:
 
 async def test_a_list_without_limit_is_the_whole_list(db: Database) -> None:
     from tickguard.actors.messages import NewPosition
-    from tickguard.storage import positions as store
+    from tickguard.storage import writes
 
     many = [NewPosition(USER, "BTC-USD", "long", Decimal(65000), None, None) for _ in range(600)]
-    await store.create_positions(db, many, max_open_per_user=1000)
+    await writes.create_positions(db, many, max_open_per_user=1000)
     async with running_stack(db) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
         whole = await client.get("/api/positions", params={"userId": USER})
         opened = await client.get("/api/positions", params={"userId": USER, "status": "open"})

@@ -149,7 +149,10 @@ async def test_each_stat_maps_to_its_metric_and_apps_do_not_share_a_registry(
     sources = MetricsSources(
         engines={"ETH-USD": eth, "SOL-USD": EngineStats()},
         persistence=PersistenceStats(
-            transactions=11, closes_by_reason={"stop_loss": 2, "system": 1}, db_errors=6
+            transactions=11,
+            closes_by_reason={"stop_loss": 2, "system": 1},
+            db_errors=6,
+            rejected=5,
         ),
         fanout=FanoutStats(sessions=8, dropped_slow=2),
     )
@@ -185,6 +188,9 @@ async def test_each_stat_maps_to_its_metric_and_apps_do_not_share_a_registry(
         ("tickguard_ws_dropped_slow_total", None): 2,
         ("tickguard_db_errors_total", None): 6,
         ("tickguard_persistence_transactions_total", None): 11,
+        ("tickguard_writes_rejected_total", None): 5,
+        ("tickguard_ws_handshakes_total", ("outcome", "rejected")): 0,
+        ("tickguard_ws_client_frames_refused_total", ("why", "too_big")): 0,
     }
     for (name, label), number in expected.items():
         labels = dict([label]) if label else {}

@@ -15,7 +15,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tickguard.actors.messages import Position
-from tickguard.actors.wire import dumps, loads, plain_decimal, position_to_json
 from tickguard.web import schemas
 from tickguard.web.openapi import document
 from tickguard.web.schemas import (
@@ -27,6 +26,7 @@ from tickguard.web.schemas import (
     ValidationError,
     structure,
 )
+from tickguard.wire import dumps, loads, plain_decimal, position_to_json
 
 
 def _accepts(kind: Any, raw: Any) -> bool:

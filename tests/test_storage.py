@@ -13,8 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tickguard.actors.messages import CloseOrder, CloseOutcome, CreateResult, NewPosition
-from tickguard.storage import Database, DatabaseUnavailable, migrate, open_database, open_pool
-from tickguard.storage import positions as store
+from tickguard.storage import (
+    Database,
+    DatabaseUnavailable,
+    errors,
+    loading,
+    migrate,
+    open_database,
+    open_pool,
+    reads,
+    writes,
+)
 from tickguard.storage.migrate import bundled_migrations
 
 
@@ -107,7 +116,7 @@ async def test_old_backend_table_is_adopted_with_its_rows(database_url: str) -> 
                 ("u2", Decimal("5.00000000"), "open"),
             ]
             # The adopted table now enforces tickguard's rules and serves tickguard's reads.
-            assert await store.open_symbols(old) == ["BTC-USD", "ETH-USD"]
+            assert await loading.open_symbols(old) == ["BTC-USD", "ETH-USD"]
             assert await migrate(old) == []
     finally:
         async with open_database(database_url) as admin:
@@ -115,7 +124,7 @@ async def test_old_backend_table_is_adopted_with_its_rows(database_url: str) -> 
 
 
 async def test_create_writes_position_and_event_in_one_transaction(db: Database) -> None:
-    results, events = await store.create_positions(db, [new(), new("bob")], max_open_per_user=10)
+    results, events = await writes.create_positions(db, [new(), new("bob")], max_open_per_user=10)
     assert [r.position.user_id for r in results] == ["alice", "bob"]
     p = results[0].position
     assert p.status == "open" and p.entry_price == Decimal("65000.5")
@@ -125,13 +134,13 @@ async def test_create_writes_position_and_event_in_one_transaction(db: Database)
         ("bob", 1, "position.created"),
     ]
     assert '"entryPrice":65000.5' in events[0].message
-    assert await store.latest_seq(db, "alice") == 1
-    assert len(await store.unpublished_events(db)) == 2
+    assert await reads.latest_seq(db, "alice") == 1
+    assert len(await writes.unpublished_events(db)) == 2
 
 
 async def test_idempotency_key_returns_the_first_position(db: Database) -> None:
-    first, _ = await store.create_positions(db, [new(idempotency_key="k1")], max_open_per_user=10)
-    again, events = await store.create_positions(
+    first, _ = await writes.create_positions(db, [new(idempotency_key="k1")], max_open_per_user=10)
+    again, events = await writes.create_positions(
         db, [new(idempotency_key="k1"), new(idempotency_key="k1")], max_open_per_user=10
     )
     assert again[0].position.id == first[0].position.id and not again[0].created
@@ -141,10 +150,10 @@ async def test_idempotency_key_returns_the_first_position(db: Database) -> None:
 
 
 async def test_an_idempotency_key_reused_with_another_body_is_refused(db: Database) -> None:
-    first, _ = await store.create_positions(
+    first, _ = await writes.create_positions(
         db, [new(idempotency_key="k1", fingerprint="a" * 64)], max_open_per_user=10
     )
-    again, events = await store.create_positions(
+    again, events = await writes.create_positions(
         db,
         [
             new(idempotency_key="k1", fingerprint="a" * 64),  # the same request: a replay
@@ -157,21 +166,21 @@ async def test_an_idempotency_key_reused_with_another_body_is_refused(db: Databa
     )
     assert isinstance(again[0], CreateResult) and not again[0].created
     assert again[0].position.id == first[0].position.id
-    assert isinstance(again[1], store.IdempotencyKeyReused) and again[1].key == "k1"
+    assert isinstance(again[1], errors.IdempotencyKeyReused) and again[1].key == "k1"
     assert isinstance(again[2], CreateResult) and again[2].created
     assert isinstance(again[3], CreateResult) and again[3].created
-    assert isinstance(again[4], store.IdempotencyKeyReused)
+    assert isinstance(again[4], errors.IdempotencyKeyReused)
     assert len(events) == 2
     # A row written before fingerprints existed (NULL) replays as it always did.
     await db.execute("UPDATE positions SET request_fingerprint = NULL WHERE idempotency_key='k1'")
-    old, _ = await store.create_positions(
+    old, _ = await writes.create_positions(
         db, [new(idempotency_key="k1", fingerprint="e" * 64)], max_open_per_user=10
     )
     assert isinstance(old[0], CreateResult) and old[0].position.id == first[0].position.id
 
 
 async def test_open_position_cap_is_enforced_per_user(db: Database) -> None:
-    results, events = await store.create_positions(
+    results, events = await writes.create_positions(
         db, [new(), new(), new(), new("bob")], max_open_per_user=2
     )
     assert [type(r).__name__ for r in results] == [
@@ -185,7 +194,7 @@ async def test_open_position_cap_is_enforced_per_user(db: Database) -> None:
 
 
 async def test_overlapping_close_batches_close_each_row_once(db: Database) -> None:
-    created, _ = await store.create_positions(
+    created, _ = await writes.create_positions(
         db, [new(), new(), new(), new("bob")], max_open_per_user=100
     )
     ids = [r.position.id for r in created]
@@ -204,7 +213,7 @@ async def test_overlapping_close_batches_close_each_row_once(db: Database) -> No
     outcomes: dict[str, list] = {}
 
     async def close(name: str, batch: list[CloseOrder]) -> None:
-        outcomes[name] = (await store.close_positions(db, batch, source="engine"))[0]
+        outcomes[name] = (await writes.close_positions(db, batch, source="engine"))[0]
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(close, "a", batch_a)
@@ -232,20 +241,20 @@ async def test_overlapping_close_batches_close_each_row_once(db: Database) -> No
 
 
 async def test_close_checks_the_user_and_reports_per_id(db: Database) -> None:
-    created, _ = await store.create_positions(db, [new()], max_open_per_user=10)
+    created, _ = await writes.create_positions(db, [new()], max_open_per_user=10)
     pid = created[0].position.id
-    [wrong_user], events = await store.close_positions(
+    [wrong_user], events = await writes.close_positions(
         db, [CloseOrder(pid, Decimal("1"), "manual", user_id="mallory")], source="api"
     )
     assert wrong_user.outcome is CloseOutcome.NOT_FOUND and events == []
-    [ok], events = await store.close_positions(
+    [ok], events = await writes.close_positions(
         db, [CloseOrder(pid, Decimal("66000.1"), "manual", user_id="alice")], source="api"
     )
     assert ok.outcome is CloseOutcome.CLOSED and ok.position is not None
     assert ok.position.close_price == Decimal("66000.1") and ok.position.closed_at is not None
     assert ok.position.updated_at >= ok.position.created_at
     assert [e.seq for e in events] == [2]
-    [again], events = await store.close_positions(
+    [again], events = await writes.close_positions(
         db, [CloseOrder(pid, Decimal("1"), "manual", user_id="alice")], source="api"
     )
     assert again.outcome is CloseOutcome.ALREADY_CLOSED and events == []
@@ -253,10 +262,10 @@ async def test_close_checks_the_user_and_reports_per_id(db: Database) -> None:
 
 
 async def test_pagination_walks_every_row_once(db: Database) -> None:
-    await store.create_positions(db, [new() for _ in range(7)], max_open_per_user=100)
+    await writes.create_positions(db, [new() for _ in range(7)], max_open_per_user=100)
     seen, cursor = [], None
     while True:
-        page, cursor = await store.list_positions(db, "alice", None, 3, cursor)
+        page, cursor = await reads.list_positions(db, "alice", None, 3, cursor)
         seen += page
         if cursor is None:
             break
@@ -267,22 +276,22 @@ async def test_pagination_walks_every_row_once(db: Database) -> None:
 async def test_closed_list_pages_by_close_time_and_a_list_bound_sets_the_cursor(
     db: Database,
 ) -> None:
-    created, _ = await store.create_positions(db, [new() for _ in range(5)], max_open_per_user=100)
+    created, _ = await writes.create_positions(db, [new() for _ in range(5)], max_open_per_user=100)
     ids = [r.position.id for r in created]
     for pid in ids:
-        await store.close_positions(
+        await writes.close_positions(
             db, [CloseOrder(pid, Decimal("1"), "manual", user_id="alice")], source="api"
         )
     seen, cursor = [], None
     while True:
-        page, cursor = await store.list_closed(db, "alice", 2, cursor)
+        page, cursor = await reads.list_closed(db, "alice", 2, cursor)
         seen += page
         if cursor is None:
             break
     assert sorted(p.id for p in seen) == sorted(ids)
-    whole, more = await store.list_closed(db, "alice", 5, None)
+    whole, more = await reads.list_closed(db, "alice", 5, None)
     assert len(whole) == 5 and more is None
-    bounded, more = await store.list_positions(db, "alice", None, 4, None)
+    bounded, more = await reads.list_positions(db, "alice", None, 4, None)
     assert len(bounded) == 4 and more is not None
 
 
@@ -306,22 +315,22 @@ FORGED = [
 
 @pytest.mark.parametrize("cursor", FORGED)
 async def test_a_forged_cursor_is_bad_cursor_never_another_error(db: Database, cursor: str) -> None:
-    with pytest.raises(store.BadCursor):
-        await store.list_positions(db, "alice", None, 3, cursor or "x")
-    with pytest.raises(store.BadCursor):
-        await store.list_closed(db, "alice", 3, cursor or "x")
+    with pytest.raises(errors.BadCursor):
+        await reads.list_positions(db, "alice", None, 3, cursor or "x")
+    with pytest.raises(errors.BadCursor):
+        await reads.list_closed(db, "alice", 3, cursor or "x")
 
 
 @given(st.text(max_size=80) | st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode()))
 def test_decoding_any_text_as_a_cursor_raises_only_bad_cursor(text: str) -> None:
     try:
-        moment, pid = store._decode_cursor(text)
-    except store.BadCursor:
+        moment, pid = reads._decode_cursor(text)
+    except errors.BadCursor:
         return
     # What decodes is a position PostgreSQL can compare with: UTC, within its range.
     assert moment.utcoffset() is not None and 1970 <= moment.year <= 2287
     micros, hex_id = text.split(".")
-    assert store._encode_cursor(moment, pid) == f"{int(micros)}.{hex_id}"
+    assert reads._encode_cursor(moment, pid) == f"{int(micros)}.{hex_id}"
 
 
 async def test_cancelled_query_leaves_the_pool_usable(db: Database) -> None:
@@ -361,9 +370,9 @@ async def test_a_server_that_stops_answering_ends_at_the_timeout() -> None:
 
 
 async def test_an_id_named_twice_in_a_batch_closes_once(db: Database) -> None:
-    created, _ = await store.create_positions(db, [new()], max_open_per_user=10)
+    created, _ = await writes.create_positions(db, [new()], max_open_per_user=10)
     pid = created[0].position.id
-    results, events = await store.close_positions(
+    results, events = await writes.close_positions(
         db,
         [
             CloseOrder(pid, Decimal("2"), "manual", user_id="mallory"),
@@ -403,14 +412,14 @@ async def test_a_transaction_cancelled_mid_query_commits_nothing_and_closes_clea
 
 
 async def test_open_positions_come_in_id_ordered_pages(db: Database) -> None:
-    created, _ = await store.create_positions(
+    created, _ = await writes.create_positions(
         db, [new() for _ in range(7)] + [new(symbol="ETH-USD")], max_open_per_user=100
     )
     closed = created[0].position.id
-    await store.close_positions(db, [CloseOrder(closed, Decimal("1"), "manual")], source="api")
-    pages = [page async for page in store.open_positions(db, "BTC-USD", page=3)]
+    await writes.close_positions(db, [CloseOrder(closed, Decimal("1"), "manual")], source="api")
+    pages = [page async for page in loading.open_positions(db, "BTC-USD", page=3)]
     assert [len(page) for page in pages] == [3, 3]
     ids = [p.id for page in pages for p in page]
     expected = sorted(r.position.id for r in created[1:7])
     assert ids == expected  # every open BTC-USD position once, in id order; nothing else
-    assert [p async for p in store.open_positions(db, "DOGE-USD")] == []
+    assert [p async for p in loading.open_positions(db, "DOGE-USD")] == []

@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from tickguard.actors.mailbox import ActorUnavailable
-from tickguard.actors.persistence import WriteRejected
+from tickguard.actors.messages import WriteRejected
 from tickguard.storage import BadCursor, DatabaseUnavailable, OpenPositionLimit
 from tickguard.web.json import json_response
 from tickguard.web.schemas import ValidationError

@@ -1,5 +1,5 @@
 """JSON responses with exact decimals: every body the web layer writes goes through
-``tickguard.actors.wire`` (Decimal as JSON numbers, never strings or floats)."""
+``tickguard.wire`` (Decimal as JSON numbers, never strings or floats)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from quart import Response
 from quart.json.provider import DefaultJSONProvider
 
-from tickguard.actors.wire import dumps, loads
+from tickguard.wire import dumps, loads
 
 
 class WireJSONProvider(DefaultJSONProvider):

@@ -24,7 +24,7 @@ A source the app was not given (e.g. a test app without actors) is left out, not
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -34,10 +34,13 @@ from prometheus_client.registry import Collector
 from quart import Blueprint, Response, current_app, request
 from quart.blueprints import BlueprintSetupState
 
-from tickguard.actors.engine import EngineStats
-from tickguard.actors.fanout import FanoutStats
-from tickguard.actors.persistence import PersistenceStats
-from tickguard.web.services import AppServices, services_of
+from tickguard.web.isolation import ConnectionFailures
+from tickguard.web.services import AppServices, WsStats, services_of
+
+if TYPE_CHECKING:  # the counters' types only: web reads them, never imports the actors' code
+    from tickguard.actors.engine import EngineStats
+    from tickguard.actors.fanout import FanoutStats
+    from tickguard.actors.persistence import PersistenceStats
 
 REGISTRY = "tickguard.metrics"
 CLOSE_REASONS = ("take_profit", "stop_loss", "manual", "system")
@@ -70,6 +73,7 @@ class TickguardCollector(Collector):
                 yield from _persistence(sources.persistence)
             if sources.fanout is not None:
                 yield from _fanout(sources.fanout)
+            yield from _edge(self.services.ws_stats)
 
     def _feed(self) -> Iterator[Metric]:
         if self.services.feed_status is None:
@@ -153,6 +157,11 @@ def _persistence(stats: PersistenceStats) -> Iterator[Metric]:
         value=stats.db_errors,
     )
     yield CounterMetricFamily(
+        "tickguard_writes_rejected",
+        "Requests the writer answered as failed on their own (nothing written; others unharmed).",
+        value=stats.rejected,
+    )
+    yield CounterMetricFamily(
         "tickguard_persistence_transactions",
         "Transactions the persistence actor committed.",
         value=stats.transactions,
@@ -167,6 +176,31 @@ def _fanout(stats: FanoutStats) -> Iterator[Metric]:
         "tickguard_ws_dropped_slow",
         "WebSocket sessions closed with 1013 because their queue overflowed.",
         value=stats.dropped_slow,
+    )
+
+
+def _edge(ws: WsStats) -> Iterator[Metric]:
+    """What the edge refused or contained: bad /ws handshakes and frames, failed connections."""
+    sessions = CounterMetricFamily(
+        "tickguard_ws_handshakes",
+        "WebSocket handshakes by outcome (opened, or rejected for a bad userId).",
+        labels=["outcome"],
+    )
+    sessions.add_metric(["opened"], ws.opened)
+    sessions.add_metric(["rejected"], ws.rejected)
+    yield sessions
+    frames = CounterMetricFamily(
+        "tickguard_ws_client_frames_refused",
+        "Client WebSocket frames ignored (unknown or malformed) or too big (closed with 1009).",
+        labels=["why"],
+    )
+    frames.add_metric(["ignored"], ws.ignored_frames)
+    frames.add_metric(["too_big"], ws.too_big)
+    yield frames
+    yield CounterMetricFamily(
+        "tickguard_http_connections_failed",
+        "Connections that ended with an error inside the HTTP server, contained to themselves.",
+        value=ConnectionFailures.count,
     )
 
 

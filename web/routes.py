@@ -28,10 +28,7 @@ from tickguard.actors.messages import (
     CreateResult,
     NewPosition,
 )
-from tickguard.actors.wire import iso_millis, loads, position_to_json
-from tickguard.storage import DatabaseUnavailable
-from tickguard.storage import positions as store
-from tickguard.storage.positions import IdempotencyKeyReused
+from tickguard.storage import DatabaseUnavailable, IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
 from tickguard.web.json import json_response
 from tickguard.web.schemas import (
@@ -48,6 +45,7 @@ from tickguard.web.schemas import (
 )
 from tickguard.web.services import AppServices, services_of
 from tickguard.web.symbols import SymbolRejected, ensure_symbol
+from tickguard.wire import iso_millis, loads, position_to_json
 
 routes = Blueprint("routes", __name__)
 
@@ -200,7 +198,7 @@ async def create_position() -> Response:
 async def list_positions() -> Response:
     services = _services()
     query = structure(ListPositionsQuery, request.args.to_dict())
-    page, cursor = await store.list_positions(
+    page, cursor = await reads.list_positions(
         services.db, query.user_id, query.status, query.limit or LIST_BOUND, query.cursor
     )
     return _page(page, cursor)
@@ -210,7 +208,7 @@ async def list_positions() -> Response:
 async def list_closed() -> Response:
     services = _services()
     query = structure(ListClosedQuery, request.args.to_dict())
-    page, cursor = await store.list_closed(
+    page, cursor = await reads.list_closed(
         services.db, query.user_id, query.limit or LIST_BOUND, query.cursor
     )
     return _page(page, cursor)
@@ -228,7 +226,7 @@ async def get_position(position_id: str) -> Response:
     services = _services()
     pid = _position_id(position_id)
     query = structure(UserQuery, request.args.to_dict())
-    position = await store.get_position(services.db, query.user_id, pid)
+    position = await reads.get_position(services.db, query.user_id, pid)
     if position is None:
         raise ApiError(404, "Position not found.")
     return json_response({"data": position_to_json(position)})

@@ -4,7 +4,7 @@ Every new ``/ws`` session announces its user's latest ``seq`` in ``connection.re
 one session at a time, a burst of connects wanted one pool connection each: with 2,000 at once
 and a pool of 10, a fifth of them waited past the database timeout and were closed 1011
 although the database was fine. ``SeqReader`` reads the seqs of every session waiting at that
-moment in one query (``storage.positions.latest_seqs``), so a burst costs a few queries on one
+moment in one query (``storage.reads.latest_seqs``), so a burst costs a few queries on one
 pool connection.
 
 There is no background task: the first session that finds no read in progress leads one,
@@ -20,8 +20,8 @@ import itertools
 
 import trio
 
-from tickguard.storage import Database, DatabaseUnavailable
-from tickguard.storage.positions import latest_seqs
+from tickguard.storage import DatabaseUnavailable, ReadOnlyDatabase
+from tickguard.storage.reads import latest_seqs
 
 SEQ_READER = "tickguard.seq_reader"
 MAX_BATCH = 5000
@@ -50,7 +50,7 @@ class _Ask:
 class SeqReader:
     """Reads users' latest seqs for many waiting sessions at once; see the module docstring."""
 
-    def __init__(self, db: Database, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, db: ReadOnlyDatabase, *, max_batch: int = MAX_BATCH) -> None:
         self._db = db
         self._max_batch = max_batch
         self._waiting: dict[_Ask, None] = {}  # an ordered set: oldest first

@@ -12,10 +12,11 @@ import attrs
 from flask.sansio.app import App
 
 from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.messages import FanoutMessage, PersistenceRequest
 from tickguard.actors.products import ProductCatalog
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database
+from tickguard.storage import ReadOnlyDatabase
 
 EXTENSION = "tickguard"
 
@@ -48,9 +49,9 @@ class AppServices:
     """
 
     settings: Settings
-    db: Database
-    persistence: Mailbox[Any]
-    fanout: Mailbox[Any]
+    db: ReadOnlyDatabase  # reads only: every write goes through persistence
+    persistence: Mailbox[PersistenceRequest]
+    fanout: Mailbox[FanoutMessage]
     feed: Mailbox[Any] | None = None
     feed_status: FeedStatus | None = None
     catalog: ProductCatalog | None = None

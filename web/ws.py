@@ -21,22 +21,21 @@ import trio
 from quart import Blueprint, Response, current_app, websocket
 from quart_trio import QuartTrio
 
-from tickguard.actors.fanout import (
-    GOING_AWAY,
-    INTERNAL_ERROR,
-    MESSAGE_TOO_BIG,
-    POLICY_VIOLATION,
-    Join,
-    Leave,
-    Session,
-    SessionClosed,
-)
-from tickguard.actors.wire import dumps, loads
+from tickguard.actors.messages import Join, Leave
+from tickguard.actors.session_queue import SessionClosed, SessionQueue
 from tickguard.storage import DatabaseUnavailable
 from tickguard.web.errors import ApiError
 from tickguard.web.schemas import FieldError, parse_user_id
 from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import WsStats, services_of
+from tickguard.wire import (
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    MESSAGE_TOO_BIG,
+    POLICY_VIOLATION,
+    dumps,
+    loads,
+)
 
 log = logging.getLogger("tickguard.web.ws")
 
@@ -51,13 +50,13 @@ class LiveSessions:
     """The sessions this app is serving, so that shutdown can close each one with 1001."""
 
     def __init__(self) -> None:
-        self._sessions: set[Session] = set()
+        self._sessions: set[SessionQueue] = set()
         self.closing = False
 
-    def add(self, session: Session) -> None:
+    def add(self, session: SessionQueue) -> None:
         self._sessions.add(session)
 
-    def discard(self, session: Session) -> None:
+    def discard(self, session: SessionQueue) -> None:
         self._sessions.discard(session)
 
     def __len__(self) -> int:
@@ -106,7 +105,7 @@ async def events() -> None:
         await websocket.close(GOING_AWAY, "server shutting down")
         return
     stats.opened += 1
-    session = Session(user_id)
+    session = SessionQueue(user_id)
     live.add(session)
     try:
         # Join before reading the seq: nothing committed after it can be missed.
@@ -138,7 +137,7 @@ async def events() -> None:
             pass  # fanout also drops closed sessions by itself on their next event
 
 
-async def _forward(session: Session) -> None:
+async def _forward(session: SessionQueue) -> None:
     """Send what fanout queued for this session until it is closed, then close the socket
     with the session's code."""
     try:
@@ -148,7 +147,7 @@ async def _forward(session: Session) -> None:
         await websocket.close(closed.code, closed.reason)
 
 
-async def _listen(session: Session, stats: WsStats) -> None:
+async def _listen(session: SessionQueue, stats: WsStats) -> None:
     """Answer client pings; count and ignore every other frame; 1009 for an oversized one."""
     while True:
         frame = await websocket.receive()

@@ -1,23 +1,22 @@
-"""Position state and its event outbox: every write, and the reads the API serves.
+"""Every write of position state, with its outbox event: the persistence actor's storage.
 
 Writes (``create_positions``, ``close_positions``) each run as one transaction that changes the
 rows AND writes one outbox event per change with the user's next ``seq``, so an event exists
-exactly when its change committed (DESIGN.md invariant 1). Only the persistence actor calls the
-writers. Closes are one atomic statement per batch (invariant 2): each id gets its own outcome.
+exactly when its change committed (DESIGN.md invariant 1). Only the persistence actor calls
+these. Closes are one atomic statement per batch (invariant 2): each id gets its own outcome.
+The outbox (``unpublished_events``, ``mark_published``) is how persistence republishes what a
+crash or a lost acknowledgement left unpublished.
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Sequence
 
 import asyncpg
 
-from tickguard.actors.messages import (
+from tickguard.domain import (
     CloseOrder,
     CloseOutcome,
     CloseResult,
@@ -28,45 +27,10 @@ from tickguard.actors.messages import (
     NewPosition,
     Position,
 )
-from tickguard.actors.wire import event_message
 from tickguard.storage.db import Database
-
-COLUMNS = (
-    "id, user_id, symbol, side, entry_price, take_profit, stop_loss, status, close_price, "
-    "close_reason, created_at, updated_at, closed_at, triggered_at"
-)
-P_COLUMNS = ", ".join(f"p.{c.strip()}" for c in COLUMNS.split(","))
-
-
-class IdempotencyKeyReused(Exception):
-    """The user's Idempotency-Key belongs to a position created from a different request body
-    (the IETF idempotency-key draft answers 422); nothing was written."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"Idempotency-Key {key!r} was used with a different request body.")
-        self.key = key
-
-
-class OpenPositionLimit(Exception):
-    """The user already holds the maximum number of open positions."""
-
-    def __init__(self, limit: int) -> None:
-        many = "open position is" if limit == 1 else "open positions are"
-        super().__init__(f"At most {limit} {many} allowed per user.")
-        self.limit = limit
-
-
-def to_position(row: Any) -> Position:
-    """A ``Position`` from a row that has the columns of ``COLUMNS``, in that order (the
-    order of ``Position``'s fields: positional is several times faster than by name, and an
-    engine start converts 100,000 rows)."""
-    return Position(*row[:_FIELDS])
-
-
-_FIELDS = len(COLUMNS.split(","))
-
-
-# --- the outbox --------------------------------------------------------------------------------
+from tickguard.storage.errors import IdempotencyKeyReused, OpenPositionLimit
+from tickguard.storage.rows import COLUMNS, P_COLUMNS, to_position
+from tickguard.wire import event_message
 
 
 async def _write_events(
@@ -131,27 +95,6 @@ async def mark_published(db: Database, event_ids: Sequence[int]) -> None:
         await db.execute(
             "UPDATE events SET published_at = now() WHERE id = ANY($1::bigint[])", list(event_ids)
         )
-
-
-async def latest_seq(db: Database, user_id: str) -> int:
-    """The user's latest event number (0 before the first event)."""
-    seq = await db.fetchval("SELECT seq FROM user_seq WHERE user_id = $1", user_id)
-    return int(seq or 0)
-
-
-async def latest_seqs(db: Database, user_ids: Sequence[str]) -> dict[str, int]:
-    """The latest event number of each of ``user_ids`` (0 before a user's first event), in
-    one query on one pool connection. Raises ``DatabaseUnavailable`` like every call."""
-    wanted = list(dict.fromkeys(user_ids))
-    rows = await db.fetch(
-        "SELECT user_id, seq FROM user_seq WHERE user_id = ANY($1::text[])", wanted
-    )
-    seqs = dict.fromkeys(wanted, 0)
-    seqs.update((row["user_id"], int(row["seq"])) for row in rows)
-    return seqs
-
-
-# --- creates -----------------------------------------------------------------------------------
 
 
 async def create_positions(
@@ -266,8 +209,6 @@ def _same_request(first: str | None, again: str | None) -> bool:
     return first is None or again is None or first == again
 
 
-# --- closes ------------------------------------------------------------------------------------
-
 _CLOSE_SQL = f"""
 UPDATE positions p
    SET status = 'closed', close_price = c.price, close_reason = c.reason,
@@ -347,122 +288,10 @@ async def _close(
     return [r for r in results if r is not None], events
 
 
-# --- reads -------------------------------------------------------------------------------------
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_CURSOR = re.compile(r"([0-9]{1,16})\.([0-9a-f]{32})")
-
-
-def _encode_cursor(moment: datetime, position_id: uuid.UUID) -> str:
-    """``<microseconds since the epoch>.<uuid hex>``: web.schemas.CURSOR_PATTERN."""
-    micros = (moment - _EPOCH) // timedelta(microseconds=1)
-    return f"{micros}.{position_id.hex}"
-
-
-class BadCursor(ValueError):
-    """A pagination cursor that this server did not issue."""
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """The keyset position of a cursor of ``_encode_cursor``'s shape (every such string is a
-    valid position: 16 digits of microseconds stay within year 2286). Raises ``BadCursor``
-    for anything else, whatever its bytes."""
-    match = _CURSOR.fullmatch(cursor) if isinstance(cursor, str) else None
-    if match is None:
-        raise BadCursor("cursor is not valid")
-    moment = _EPOCH + timedelta(microseconds=int(match.group(1)))
-    return moment, uuid.UUID(hex=match.group(2))
-
-
-async def list_positions(
-    db: Database, user_id: str, status: str | None, limit: int, cursor: str | None
-) -> tuple[list[Position], str | None]:
-    """The user's positions, newest ``created_at`` first, and the cursor of the next page."""
-    after = _decode_cursor(cursor) if cursor else None
-    rows = await db.fetch(
-        f"""SELECT {COLUMNS} FROM positions
-            WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
-              AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
-            ORDER BY created_at DESC, id DESC LIMIT $5""",
-        user_id,
-        status,
-        after[0] if after else None,
-        after[1] if after else None,
-        limit + 1,
-    )
-    page = [to_position(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    return page, (_encode_cursor(page[-1].created_at, page[-1].id) if more else None)
-
-
-async def list_closed(
-    db: Database, user_id: str, limit: int, cursor: str | None
-) -> tuple[list[Position], str | None]:
-    """The user's closed positions, newest ``closed_at`` first, and the next page's cursor."""
-    after = _decode_cursor(cursor) if cursor else None
-    rows = await db.fetch(
-        f"""SELECT {COLUMNS} FROM positions
-            WHERE user_id = $1 AND status = 'closed'
-              AND ($2::timestamptz IS NULL OR (closed_at, id) < ($2, $3::uuid))
-            ORDER BY closed_at DESC, id DESC LIMIT $4""",
-        user_id,
-        after[0] if after else None,
-        after[1] if after else None,
-        limit + 1,
-    )
-    page = [to_position(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    last = page[-1] if page else None
-    return page, (
-        _encode_cursor(last.closed_at, last.id) if more and last and last.closed_at else None
-    )
-
-
-async def get_position(db: Database, user_id: str, position_id: uuid.UUID) -> Position | None:
-    """That user's position with that id (someone else's is None, as if it did not exist)."""
-    row = await db.fetchrow(
-        f"SELECT {COLUMNS} FROM positions WHERE id = $1 AND user_id = $2", position_id, user_id
-    )
-    return None if row is None else to_position(row)
-
-
-OPEN_PAGE = 20_000
-
-
-async def open_positions(
-    db: Database, symbol: str, page: int = OPEN_PAGE
-) -> AsyncIterator[list[Position]]:
-    """Every open position on ``symbol`` (an engine's state on start), a page at a time.
-
-    Pages follow ``id`` order (keyset pagination on an index), so the caller can index one page
-    and drop its rows before the next: memory at start-up stays near the index's own size.
-    Not one snapshot: a position created or closed meanwhile reaches the engine as Track or
-    Untrack, which it handles after loading.
-    """
-    after = uuid.UUID(int=0)
-    while True:
-        rows = await db.fetch(
-            f"""SELECT {COLUMNS} FROM positions
-                WHERE symbol = $1 AND status = 'open' AND id > $2 ORDER BY id LIMIT $3""",
-            symbol,
-            after,
-            page,
-            timeout=max(db.timeout, 30.0),
-        )
-        if not rows:
-            return
-        positions = [to_position(r) for r in rows]
-        del rows
-        after = positions[-1].id
-        full = len(positions) == page
-        yield positions
-        del positions  # before the next page is fetched: one page's rows at a time
-        if not full:
-            return
-
-
-async def open_symbols(db: Database) -> list[str]:
-    """The symbols that have at least one open position."""
-    rows = await db.fetch("SELECT DISTINCT symbol FROM positions WHERE status = 'open'")
-    return sorted(r["symbol"] for r in rows)
+async def positions_by_id(db: Database, ids: Sequence[uuid.UUID]) -> list[Position]:
+    """The rows of these positions as they are now (the outbox's recovery re-tracks and
+    untracks them: their commit acknowledgement may have been lost)."""
+    if not ids:
+        return []
+    found = await db.fetch(f"SELECT {COLUMNS} FROM positions WHERE id = ANY($1::uuid[])", list(ids))
+    return [to_position(r) for r in found]

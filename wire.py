@@ -1,4 +1,6 @@
-"""JSON on the wire: positions and event messages, with exact decimals.
+"""The wire format: positions and event messages as JSON with exact decimals, and the
+WebSocket close codes. Neutral: storage (the outbox's rendered text), the actors and the web
+all use it, and it imports no part of tickguard but the domain values.
 
 Prices are ``Decimal`` end to end; here they become JSON numbers written from the exact
 decimal (``65000.5``, never ``65000.499999999``), and JSON read back parses numbers as
@@ -15,7 +17,16 @@ from typing import Any
 
 import msgspec
 
-from tickguard.actors.messages import EventSource, EventType, Position
+from tickguard.domain import EventSource, EventType, Position
+
+# WebSocket close codes (RFC 6455 and the IANA registry) that tickguard sends; API.md lists
+# what each means to a client.
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+SERVICE_RESTART = 1012
+TRY_AGAIN_LATER = 1013
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
 

@@ -1,0 +1,109 @@
+"""The reads the API serves: a user's positions (paged by keyset cursors), one position, and
+the latest event ``seq`` a WebSocket session starts from. Nothing here writes."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from tickguard.domain import (
+    Position,
+)
+from tickguard.storage.db import Reader
+from tickguard.storage.errors import BadCursor
+from tickguard.storage.rows import COLUMNS, to_position
+
+
+async def latest_seq(db: Reader, user_id: str) -> int:
+    """The user's latest event number (0 before the first event)."""
+    seq = await db.fetchval("SELECT seq FROM user_seq WHERE user_id = $1", user_id)
+    return int(seq or 0)
+
+
+async def latest_seqs(db: Reader, user_ids: Sequence[str]) -> dict[str, int]:
+    """The latest event number of each of ``user_ids`` (0 before a user's first event), in
+    one query on one pool connection. Raises ``DatabaseUnavailable`` like every call."""
+    wanted = list(dict.fromkeys(user_ids))
+    rows = await db.fetch(
+        "SELECT user_id, seq FROM user_seq WHERE user_id = ANY($1::text[])", wanted
+    )
+    seqs = dict.fromkeys(wanted, 0)
+    seqs.update((row["user_id"], int(row["seq"])) for row in rows)
+    return seqs
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+_CURSOR = re.compile(r"([0-9]{1,16})\.([0-9a-f]{32})")
+
+
+def _encode_cursor(moment: datetime, position_id: uuid.UUID) -> str:
+    """``<microseconds since the epoch>.<uuid hex>``: web.schemas.CURSOR_PATTERN."""
+    micros = (moment - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros}.{position_id.hex}"
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The keyset position of a cursor of ``_encode_cursor``'s shape (every such string is a
+    valid position: 16 digits of microseconds stay within year 2286). Raises ``BadCursor``
+    for anything else, whatever its bytes."""
+    match = _CURSOR.fullmatch(cursor) if isinstance(cursor, str) else None
+    if match is None:
+        raise BadCursor("cursor is not valid")
+    moment = _EPOCH + timedelta(microseconds=int(match.group(1)))
+    return moment, uuid.UUID(hex=match.group(2))
+
+
+async def list_positions(
+    db: Reader, user_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Position], str | None]:
+    """The user's positions, newest ``created_at`` first, and the cursor of the next page."""
+    after = _decode_cursor(cursor) if cursor else None
+    rows = await db.fetch(
+        f"""SELECT {COLUMNS} FROM positions
+            WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+              AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+            ORDER BY created_at DESC, id DESC LIMIT $5""",
+        user_id,
+        status,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    page = [to_position(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return page, (_encode_cursor(page[-1].created_at, page[-1].id) if more else None)
+
+
+async def list_closed(
+    db: Reader, user_id: str, limit: int, cursor: str | None
+) -> tuple[list[Position], str | None]:
+    """The user's closed positions, newest ``closed_at`` first, and the next page's cursor."""
+    after = _decode_cursor(cursor) if cursor else None
+    rows = await db.fetch(
+        f"""SELECT {COLUMNS} FROM positions
+            WHERE user_id = $1 AND status = 'closed'
+              AND ($2::timestamptz IS NULL OR (closed_at, id) < ($2, $3::uuid))
+            ORDER BY closed_at DESC, id DESC LIMIT $4""",
+        user_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    page = [to_position(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    last = page[-1] if page else None
+    return page, (
+        _encode_cursor(last.closed_at, last.id) if more and last and last.closed_at else None
+    )
+
+
+async def get_position(db: Reader, user_id: str, position_id: uuid.UUID) -> Position | None:
+    """That user's position with that id (someone else's is None, as if it did not exist)."""
+    row = await db.fetchrow(
+        f"SELECT {COLUMNS} FROM positions WHERE id = $1 AND user_id = $2", position_id, user_id
+    )
+    return None if row is None else to_position(row)
