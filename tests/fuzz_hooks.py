@@ -4,13 +4,16 @@ A create is judged against the market, which no JSON Schema can state: the symbo
 product Coinbase (here the simulator) knows, and the bracket must sit on the right sides of the
 entry price (the market's when it is omitted). Schema-valid bodies break those rules at random,
 so before a *positive* case of ``POST /api/positions`` is sent, this hook moves it onto the
-simulator's product and drops a take-profit or stop-loss that is on the wrong side. Every
+simulator's product, drops a take-profit or stop-loss that is on the wrong side, and ties an
+Idempotency-Key to its body (a key reused with another body is a 422 by design). Every
 other rule the schema states is still fuzzed as generated; negative cases are never touched.
 The market rules themselves are tested in tests/test_http.py.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -55,3 +58,12 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     if sl is not None and ((long and sl >= below) or (not long and sl <= above)):
         body["stopLoss"] = None
     case.body = body
+    # A key is the client's promise that a retry carries the same body: reusing one with another
+    # body is a 422 (tested in tests/test_http.py), a state the schema cannot express. Tie each
+    # generated key to its body, so a replay of the same body still replays.
+    headers = case.headers or {}
+    key = headers.get("Idempotency-Key")
+    if isinstance(key, str) and key:
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+        headers["Idempotency-Key"] = f"{key[:200]}-{digest[:16]}"
+        case.headers = headers
