@@ -31,8 +31,9 @@ import trio
 
 from tickguard.actors import engine, fanout, feed, persistence
 from tickguard.actors.faults import FaultPoints
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import Track, Untrack
+from tickguard.actors.messages import Track, Untrack, Watch
 from tickguard.actors.supervision import (
     ChildSpec,
     RestartPolicy,
@@ -106,7 +107,7 @@ class EngineDirectory:
         if self.supervisor.has_child(child_id):
             return
         if self.feed_box is not None:
-            self.feed_box.send_nowait(feed.Watch(symbol, reply=None))
+            self.feed_box.send_nowait(Watch(symbol, reply=None))
         start = functools.partial(
             engine.run,
             symbol,
@@ -135,7 +136,7 @@ class Tree:
     persistence_box: Mailbox[Any]
     fanout_box: Mailbox[Any]
     feed_box: Mailbox[Any]
-    feed_status: feed.FeedStatus
+    feed_status: FeedStatus
     engines: EngineDirectory
     app: Any
     urls: list[str]  # where web listens, once it started (port 0 picks a free port)
@@ -170,7 +171,7 @@ def build_tree(
     persistence_box: Mailbox[Any] = Mailbox("persistence")
     fanout_box: Mailbox[Any] = Mailbox("fanout")
     feed_box: Mailbox[Any] = Mailbox("feed")
-    feed_status = feed.FeedStatus()
+    feed_status = FeedStatus()
     # The actors write these counters and /metrics reads them; they outlive actor restarts.
     persistence_stats = persistence.PersistenceStats()
     fanout_config = fanout_config or fanout.FanoutConfig()

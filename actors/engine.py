@@ -31,9 +31,9 @@ from typing import Any
 import attrs
 import trio
 
+from tickguard.actors import backoff
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
-from tickguard.actors.feed import Unwatch, Watch
 from tickguard.actors.mailbox import Mailbox, ask
 from tickguard.actors.messages import (
     CloseOrder,
@@ -43,6 +43,8 @@ from tickguard.actors.messages import (
     Position,
     Track,
     Untrack,
+    Unwatch,
+    Watch,
 )
 from tickguard.actors.triggers import Load, Trigger, TriggerIndex
 from tickguard.actors.window import TickWindow, WindowSlot
@@ -374,7 +376,9 @@ class _Closer:
         for order in failed:
             attempt = self._attempts.get(order.position_id, 0) + 1
             self._attempts[order.position_id] = attempt
-            delay = min(self._config.retry_max_s, self._config.retry_base_s * 2 ** (attempt - 1))
+            delay = backoff.exponential(
+                attempt - 1, self._config.retry_base_s, self._config.retry_max_s
+            )
             self._waiting[order.position_id] = (order, now + delay)
         self._stats.close_failures += len(failed)
 

@@ -11,7 +11,7 @@ import enum
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 import trio
@@ -145,3 +145,44 @@ class Untrack:
     """persistence → engine[symbol]: this position closed (by any path); stop watching it."""
 
     position_id: uuid.UUID
+
+
+@attrs.frozen
+class SubscribeOutcome:
+    """The feed's answer to ``Watch``: accepted, rejected (with Coinbase's reason), or pending
+    (no connection right now: the symbol is subscribed once one is up)."""
+
+    status: Literal["accepted", "rejected", "pending"]
+    reason: str | None = None
+
+    ACCEPTED: ClassVar[SubscribeOutcome]
+    PENDING: ClassVar[SubscribeOutcome]
+
+    @classmethod
+    def rejected(cls, reason: str) -> SubscribeOutcome:
+        return cls("rejected", reason)
+
+
+SubscribeOutcome.ACCEPTED = SubscribeOutcome("accepted")
+SubscribeOutcome.PENDING = SubscribeOutcome("pending")
+
+
+@attrs.frozen(eq=False)
+class Watch:
+    """engine, web or supervisor → feed: ensure ``symbol`` is subscribed. The reply (if any)
+    gets a ``SubscribeOutcome``."""
+
+    symbol: str
+    reply: trio.MemorySendChannel[Any] | None = None
+
+
+@attrs.frozen
+class Unwatch:
+    """engine → feed: the last open position on ``symbol`` closed: unsubscribe after the
+    feed's linger time unless a ``Watch`` comes first. Ignored for the always-subscribed
+    products."""
+
+    symbol: str
+
+
+FeedCommand = Watch | Unwatch

@@ -20,7 +20,8 @@ from decimal import Decimal
 import httpx
 import trio
 
-from tickguard.actors.feed import FeedConfig, FeedStatus, _Feed, _Session, run
+from tickguard.actors.feed import FeedConfig, _Feed, _Subscriptions, run
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
 from tickguard.sim.paths import script
@@ -40,7 +41,7 @@ async def bench_parse(count: int) -> float:
     messages = ticker_messages(count)
     slots, status = WindowSlots(), FeedStatus()
     feed = _Feed(FeedConfig("ws://unused"), slots, Mailbox("feed"), status)
-    session = _Session(None)  # type: ignore[arg-type]  # the handler never touches the socket
+    session = _Subscriptions(None)  # type: ignore[arg-type]  # the handler never touches the socket
     # Steady state: the subscription's first (stale) ticker, a window of its own, is past.
     session.first_ticker_seen.add("BTC-USD")
     on_message = feed.on_message

@@ -23,8 +23,9 @@ import trio
 from bench import engine_scaling, feed_ingest
 from bench.common import Context, Figure, at_least, write_result
 from tickguard.actors import engine as engine_actor
-from tickguard.actors.feed import FeedConfig, FeedStatus
+from tickguard.actors.feed import FeedConfig
 from tickguard.actors.feed import run as run_feed
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Position
 from tickguard.actors.window import WindowSlots

@@ -19,8 +19,9 @@ from tickguard.storage import Database
 EXTENSION = "tickguard"
 
 
-class FeedStatus(Protocol):
-    """The feed's per-product state, as ``/ready`` reports it."""
+class FeedReport(Protocol):
+    """What /ready shows of the feed (``actors.feed_status.FeedStatus`` is the one the
+    supervisor passes)."""
 
     def snapshot(self) -> dict[str, Any]: ...
 
@@ -50,7 +51,7 @@ class AppServices:
     persistence: Mailbox[Any]
     fanout: Mailbox[Any]
     feed: Mailbox[Any] | None = None
-    feed_status: FeedStatus | None = None
+    feed_status: FeedReport | None = None
     slots: WindowSlots = attrs.field(factory=WindowSlots)
     metrics: Any = None
     ws_stats: WsStats = attrs.field(factory=WsStats)
