@@ -13,6 +13,8 @@ with ``FeedConnectionError(protocol_error=True)``; the bad message is never deli
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -104,9 +106,16 @@ def describe(exc: BaseException) -> str:
         return describe(exc.__cause__)
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or str(exc)  # "Name or service not known"
     if isinstance(exc, OSError):
-        # gaierror and friends: "[Errno -2] Name or service not known" etc.
-        return exc.strerror or str(exc) or type(exc).__name__
+        group = exc.__cause__
+        if isinstance(group, BaseExceptionGroup):
+            # trio tried each address ("all attempts ... failed"); the causes say why.
+            return "; ".join(dict.fromkeys(describe(inner) for inner in group.exceptions))
+        if exc.errno is not None and exc.errno > 0:
+            return os.strerror(exc.errno)  # "Connection refused", without trio's prefix
+        return str(exc) or type(exc).__name__
     return repr(exc)
 
 
@@ -132,11 +141,17 @@ async def _open_stream(settings: ConnectionSettings) -> tuple[trio.abc.Stream, s
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tls)
         cause = exc.__cause__
-        raise FeedConnectionError(describe(cause) if cause is not None else "TLS failed") from exc
+        why = describe(cause) if cause is not None else "TLS failed"
+        raise FeedConnectionError(f"{_where(settings.url)}: {why}") from exc
     except BaseException:
         await trio.aclose_forcefully(tls)
         raise
     return tls, host_header, resource
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc or url
 
 
 @asynccontextmanager
@@ -152,10 +167,10 @@ async def open_connection(settings: ConnectionSettings) -> AsyncIterator[FeedCon
             stream, host_header, resource = await _open_stream(settings)
     except trio.TooSlowError:
         raise FeedConnectionError(
-            f"connect timed out after {settings.connect_timeout_s} s"
+            f"{_where(settings.url)}: connect timed out after {settings.connect_timeout_s} s"
         ) from None
     except OSError as exc:
-        raise FeedConnectionError(describe(exc)) from exc
+        raise FeedConnectionError(f"{_where(settings.url)}: {describe(exc)}") from exc
     try:
         # The reader task lives in this nursery: cancelling it on the way out means a peer
         # that never closes cannot keep us here (trio-websocket's own context manager waits
