@@ -169,6 +169,21 @@ async def test_backoff_grows_within_bounds_and_resets_after_data(autojump_clock)
         assert h.status.backoffs[-1][0] == 0
 
 
+def test_backoff_exponential_doubles_up_to_the_cap_and_stays_finite():
+    assert [backoff.exponential(n, 0.5, 30.0) for n in range(8)] == [
+        0.5,
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        16.0,
+        30.0,
+        30.0,
+    ]
+    # An engine retries a failed close forever: a huge attempt count stays at the cap.
+    assert backoff.exponential(5000, 0.5, 30.0) == 30.0
+
+
 def test_backoff_delay_full_jitter_bounds():
     import random
 
