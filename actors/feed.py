@@ -84,6 +84,7 @@ class _Subscriptions:
         self.delivered = False
         self.first_ticker_seen: set[str] = set()
         self.recycle_reason: str | None = None
+        self.protocol_error = False
 
 
 class _Feed:
@@ -191,7 +192,9 @@ class _Feed:
             session = self.last_session
             if session is not None and session.recycle_reason == "idle":
                 continue
-            if session is not None and session.delivered:
+            # A server that delivers and then breaks the protocol is not a healthy one: its
+            # reconnects keep backing off.
+            if session is not None and session.delivered and not session.protocol_error:
                 attempt = 0
             self.status.reconnects += 1
             delay = backoff.full_jitter(
@@ -241,6 +244,7 @@ class _Feed:
             except FeedConnectionError as exc:
                 self.status.last_error = str(exc)
                 if exc.protocol_error:
+                    session.protocol_error = True
                     self.status.protocol_errors += 1
                     log.warning("feed: %s broke the WebSocket protocol: %s", self.config.url, exc)
                 else:
@@ -364,8 +368,7 @@ class _Feed:
                 answer = await session.answers.receive()
             session.in_flight = None
             if answer is None:
-                session.recycle_reason = f"no answer to {op} {symbol}"
-                scope.cancel()
+                self.recycle(session, f"no answer to {op} {symbol}", scope)
                 return
             self.on_answer(session, op, symbol, answer)
 
@@ -403,6 +406,12 @@ class _Feed:
         elif op == "unsubscribe" and symbol not in session.subscribed:
             self.status.products.pop(symbol, None)
 
+    def recycle(self, session: _Subscriptions, reason: str, scope: trio.CancelScope) -> None:
+        """End this connection (then reconnect) for ``reason``, shown in /ready at once."""
+        session.recycle_reason = reason
+        self.status.last_error = f"connection recycled: {reason}"
+        scope.cancel()
+
     async def watchdog(self, session: _Subscriptions, scope: trio.CancelScope) -> None:
         """Recycle the connection when a subscribed product has been silent too long."""
         timeout = self.config.heartbeat_timeout_s
@@ -413,8 +422,7 @@ class _Feed:
                 product = self.status.product(symbol)
                 if product.last_message_at is not None and now - product.last_message_at > timeout:
                     product.state = "stale"
-                    session.recycle_reason = f"{symbol} silent for {timeout} s"
-                    scope.cancel()
+                    self.recycle(session, f"{symbol} silent for {timeout} s", scope)
                     return
 
 

@@ -211,6 +211,11 @@ async def test_stale_state_is_reported_while_silent(autojump_clock):
         snapshot = h.status.snapshot()
         assert snapshot["products"]["BTC-USD"]["state"] == "stale"
         assert snapshot["products"]["BTC-USD"]["age_s"] >= 3.0
+        # Why: the recycle, then each refused reconnect.
+        assert snapshot["products"]["BTC-USD"]["lastError"] in (
+            "connection recycled: BTC-USD silent for 3.0 s",
+            "handshake refused: HTTP 503",
+        )
 
 
 async def test_missed_trades_from_heartbeats_and_across_a_reconnect(autojump_clock):

@@ -279,6 +279,8 @@ async def test_the_protocol_error_is_reported_while_the_server_keeps_misbehaving
             await eventually(lambda: status.protocol_errors >= 3, GUARD_S)
             assert status.last_error is not None and "1002" in status.last_error
             assert "PROTOCOL_ERROR" in status.last_error
+            # Each connection delivered data, yet the backoff keeps growing: not healthy.
+            assert [attempt for attempt, _ in status.backoffs][:3] == [0, 1, 2]
         nursery.cancel_scope.cancel()
 
 
