@@ -171,6 +171,7 @@ async def open_connection(settings: ConnectionSettings) -> AsyncIterator[FeedCon
         ) from None
     except OSError as exc:
         raise FeedConnectionError(f"{_where(settings.url)}: {describe(exc)}") from exc
+    error: BaseException | None = None
     try:
         # The reader task lives in this nursery: cancelling it on the way out means a peer
         # that never closes cannot keep us here (trio-websocket's own context manager waits
@@ -185,9 +186,13 @@ async def open_connection(settings: ConnectionSettings) -> AsyncIterator[FeedCon
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        error = _single(group)
     finally:
         await trio.aclose_forcefully(stream)
+    if error is not None:
+        # Raised outside the handler: the block's own exception comes out as it went in
+        # (its cause and context untouched, not chained to the group).
+        raise error
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

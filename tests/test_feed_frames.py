@@ -25,6 +25,7 @@ from sim_fixtures import eventually
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from tickguard.actors.feed import FeedConfig, run
+from tickguard.actors.feed_connection import ConnectionSettings, open_connection
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import TickWindow, WindowSlots
@@ -391,3 +392,21 @@ async def test_a_dns_failure_is_shown_with_the_resolver_s_words() -> None:
             "No address associated with hostname",
         ) or cause.startswith("connect timed out")
         assert status.snapshot()["products"]["BTC-USD"]["lastError"] == error
+
+
+# --------------------------------------------------------------------- the connection itself
+async def test_an_error_inside_the_connection_block_comes_out_as_itself() -> None:
+    server = RawServer(b"")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        settings = ConnectionSettings(f"ws://127.0.0.1:{server.port}/")
+        cause = ValueError("underneath")
+        with pytest.raises(KeyError) as caught:
+            async with open_connection(settings) as connection:
+                await connection.send(json.dumps({"type": "subscribe", "channels": []}))
+                assert json.loads(await connection.receive())["type"] == "subscriptions"
+                raise KeyError("inside") from cause
+        # Not wrapped in the reader's nursery group, its cause kept.
+        assert caught.value.__cause__ is cause
+        await eventually(lambda: server.ended_by_client == [1], GUARD_S)
+        nursery.cancel_scope.cancel()
