@@ -272,6 +272,7 @@ class _Closer:
         self._waiting: dict[uuid.UUID, tuple[CloseOrder, float]] = {}  # order, due time
         self._attempts: dict[uuid.UUID, int] = {}
         self._wake = trio.Event()
+        self._handed_over = False
 
     def __contains__(self, position_id: object) -> bool:
         return (
@@ -286,6 +287,10 @@ class _Closer:
             self._ready[order.position_id] = order
         self._count_pending()
         self._wake.set()
+        if self._handed_over:
+            # The closer already ended (the engine is going down) while the window task was
+            # still judging: nobody will send these, so hand them over now.
+            self._hand_over()
 
     def forget(self, position_id: uuid.UUID) -> None:
         """Drop a close not yet sent or waiting for a retry (the position closed elsewhere).
@@ -384,6 +389,7 @@ class _Closer:
 
     def _hand_over(self) -> None:
         """Send every unanswered close fire-and-forget; synchronous, so it runs while cancelled."""
+        self._handed_over = True
         orders = [*self._in_flight.values(), *self._ready.values()]
         orders.extend(order for order, _ in self._waiting.values())
         self._in_flight, self._ready, self._waiting = {}, {}, {}
