@@ -39,8 +39,9 @@ import trio
 
 from tickguard.actors import engine, fanout, feed, persistence, products
 from tickguard.actors.faults import FaultPoints
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FanoutMessage, PersistenceRequest, Track, Untrack
+from tickguard.actors.messages import FanoutMessage, PersistenceRequest, Track, Untrack, Watch
 from tickguard.actors.supervision import (
     ChildSpec,
     RestartPolicy,
@@ -113,7 +114,7 @@ class EngineDirectory:
         if self.supervisor.has_child(child_id):
             return
         if self.feed_box is not None:
-            self.feed_box.send_nowait(feed.Watch(symbol, reply=None))
+            self.feed_box.send_nowait(Watch(symbol, reply=None))
         start = functools.partial(
             engine.run,
             symbol,
@@ -142,7 +143,7 @@ class Tree:
     persistence_box: Mailbox[PersistenceRequest]
     fanout_box: Mailbox[FanoutMessage]
     feed_box: Mailbox[Any]
-    feed_status: feed.FeedStatus
+    feed_status: FeedStatus
     engines: EngineDirectory
     app: Any
     urls: list[str]  # where web listens, once it started (port 0 picks a free port)
@@ -178,7 +179,7 @@ def build_tree(
     persistence_box: Mailbox[PersistenceRequest] = Mailbox("persistence")
     fanout_box: Mailbox[FanoutMessage] = Mailbox("fanout")
     feed_box: Mailbox[Any] = Mailbox("feed")
-    feed_status = feed.FeedStatus()
+    feed_status = FeedStatus()
     catalog = products.ProductCatalog()
     # The actors write these counters and /metrics reads them; they outlive actor restarts.
     persistence_stats = persistence.PersistenceStats()

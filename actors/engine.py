@@ -31,9 +31,9 @@ from typing import Any
 import attrs
 import trio
 
+from tickguard.actors import backoff
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
-from tickguard.actors.feed import Unwatch, Watch
 from tickguard.actors.mailbox import Mailbox, ask
 from tickguard.actors.messages import (
     CloseOrder,
@@ -44,6 +44,8 @@ from tickguard.actors.messages import (
     Position,
     Track,
     Untrack,
+    Unwatch,
+    Watch,
 )
 from tickguard.actors.triggers import Load, Trigger, TriggerIndex
 from tickguard.actors.window import TickWindow, WindowSlot
@@ -276,6 +278,7 @@ class _Closer:
         self._waiting: dict[uuid.UUID, tuple[CloseOrder, float]] = {}  # order, due time
         self._attempts: dict[uuid.UUID, int] = {}
         self._wake = trio.Event()
+        self._handed_over = False
 
     def __contains__(self, position_id: object) -> bool:
         return (
@@ -290,6 +293,10 @@ class _Closer:
             self._ready[order.position_id] = order
         self._count_pending()
         self._wake.set()
+        if self._handed_over:
+            # The closer already ended (the engine is going down) while the window task was
+            # still judging: nobody will send these, so hand them over now.
+            self._hand_over()
 
     def forget(self, position_id: uuid.UUID) -> None:
         """Drop a close not yet sent or waiting for a retry (the position closed elsewhere).
@@ -380,12 +387,15 @@ class _Closer:
         for order in failed:
             attempt = self._attempts.get(order.position_id, 0) + 1
             self._attempts[order.position_id] = attempt
-            delay = min(self._config.retry_max_s, self._config.retry_base_s * 2 ** (attempt - 1))
+            delay = backoff.exponential(
+                attempt - 1, self._config.retry_base_s, self._config.retry_max_s
+            )
             self._waiting[order.position_id] = (order, now + delay)
         self._stats.close_failures += len(failed)
 
     def _hand_over(self) -> None:
         """Send every unanswered close fire-and-forget; synchronous, so it runs while cancelled."""
+        self._handed_over = True
         orders = [*self._in_flight.values(), *self._ready.values()]
         orders.extend(order for order, _ in self._waiting.values())
         self._in_flight, self._ready, self._waiting = {}, {}, {}

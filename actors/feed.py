@@ -9,369 +9,82 @@ ack or error before the next (Coinbase rejects a whole message for one bad produ
 errors carry no request id); the first subscribe right after connecting (5-second rule);
 resubscribe everything after a reconnect; exponential backoff with full jitter, reset once a
 connection delivered data; a subscribed product silent for ``heartbeat_timeout_s`` recycles the
-connection. Malformed and unknown messages are counted and skipped, never raised.
+connection. Malformed and unknown messages are counted and skipped, never raised; a server
+that breaks the WebSocket protocol ends that connection only (counted; the feed reconnects).
+
+The message format is ``coinbase``, the socket ``feed_connection`` (trio-websocket), the
+reported state ``feed_status``.
 """
 
 from __future__ import annotations
 
-import base64
 import collections
-import hashlib
-import json
 import logging
 import math
-import os
 import random
 import ssl
-from datetime import datetime
-from decimal import Decimal
-from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
 import attrs
-import msgspec
 import trio
 
+from tickguard.actors import backoff, coinbase
 from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
+from tickguard.actors.feed_connection import (
+    ConnectionSettings,
+    FeedConnection,
+    FeedConnectionError,
+    open_connection,
+)
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.messages import FeedCommand, SubscribeOutcome, Unwatch, Watch
 from tickguard.actors.window import WindowSlots
 
 log = logging.getLogger(__name__)
 
-ProductState = Literal["connecting", "live", "stale", "rejected"]
 MAX_REJECTED_REMEMBERED = 1000
 
 
 @attrs.frozen
 class FeedConfig:
-    """One Coinbase connection's settings (seconds, not milliseconds)."""
+    """One Coinbase connection's settings (seconds, not milliseconds).
+
+    ``ssl_context`` verifies a wss:// server; None means the system trust store (tests pass
+    a context that trusts their own CA).
+    """
 
     url: str
     products: tuple[str, ...] = ("BTC-USD",)
     reconnect_base_s: float = 1.0
     reconnect_max_s: float = 30.0
     heartbeat_timeout_s: float = 5.0
-    subscribe_deadline_s: float = 5.0
     ack_timeout_s: float = 5.0
     linger_s: float = 60.0
     connect_timeout_s: float = 10.0
     # None: jitter from system randomness; an int makes the backoff sequence reproducible.
     seed: int | None = None
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
 
-
-@attrs.frozen
-class SubscribeOutcome:
-    """The feed's answer to ``Watch``: accepted, rejected (with Coinbase's reason), or pending
-    (no connection right now: the symbol is subscribed once one is up)."""
-
-    status: Literal["accepted", "rejected", "pending"]
-    reason: str | None = None
-
-    ACCEPTED: ClassVar[SubscribeOutcome]
-    PENDING: ClassVar[SubscribeOutcome]
-
-    @classmethod
-    def rejected(cls, reason: str) -> SubscribeOutcome:
-        return cls("rejected", reason)
-
-
-SubscribeOutcome.ACCEPTED = SubscribeOutcome("accepted")
-SubscribeOutcome.PENDING = SubscribeOutcome("pending")
-
-
-@attrs.frozen(eq=False)
-class Watch:
-    """Ensure ``symbol`` is subscribed. The reply (if any) gets a ``SubscribeOutcome``."""
-
-    symbol: str
-    reply: trio.MemorySendChannel[Any] | None = None
-
-
-@attrs.frozen
-class Unwatch:
-    """The last open position on ``symbol`` closed: unsubscribe after the linger time unless
-    a ``Watch`` comes first. Ignored for the always-subscribed products."""
-
-    symbol: str
-
-
-FeedCommand = Watch | Unwatch
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Full jitter: uniform in ``0 .. min(cap, base * 2**attempt)``."""
-    return rng.uniform(0, min(cap, base * 2 ** min(attempt, 60)))
-
-
-# ------------------------------------------------------------------ status
-@attrs.define
-class ProductStatus:
-    state: ProductState = "connecting"
-    last_message_at: float | None = None
-    ticks: int = 0
-    missed_trades: int = 0
-    reason: str | None = None
-
-
-class FeedStatus:
-    """What the feed reports (it writes, /ready and /metrics read). Times are Trio clock."""
-
-    def __init__(self) -> None:
-        self.products: dict[str, ProductStatus] = {}
-        self.connected = False
-        self.reconnects = 0
-        self.malformed = 0
-        self.unknown = 0
-        self.errors = 0
-        self.missed_trades = 0
-        self.missed_gaps = 0
-        self.duplicates = 0
-        # (attempt, delay) of recent backoffs, newest last.
-        self.backoffs: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)
-
-    def product(self, symbol: str) -> ProductStatus:
-        status = self.products.get(symbol)
-        if status is None:
-            status = self.products[symbol] = ProductStatus()
-        return status
-
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy: per product state, age of last message (s), ticks, missed."""
-        now = trio.current_time()
-        return {
-            "connected": self.connected,
-            "reconnects": self.reconnects,
-            "malformed": self.malformed,
-            "unknown": self.unknown,
-            "errors": self.errors,
-            "missed_trades": self.missed_trades,
-            "missed_gaps": self.missed_gaps,
-            "products": {
-                symbol: {
-                    "state": p.state,
-                    "age_s": None
-                    if p.last_message_at is None
-                    else round(now - p.last_message_at, 3),
-                    "ticks": p.ticks,
-                    "missed_trades": p.missed_trades,
-                    **({"reason": p.reason} if p.reason else {}),
-                }
-                for symbol, p in self.products.items()
-            },
-        }
-
-
-# ------------------------------------------------------------------ wire format
-class _Channel(msgspec.Struct, gc=False):
-    name: str
-    product_ids: list[str] = []
-
-
-class _Message(msgspec.Struct, gc=False):
-    """Every field tickguard reads from any feed message; the rest is skipped unparsed."""
-
-    type: str
-    product_id: str | None = None
-    price: Decimal | None = None
-    trade_id: int | None = None
-    time: datetime | None = None
-    last_trade_id: int | None = None
-    message: str | None = None
-    reason: str | None = None
-    channels: list[_Channel] | None = None
-
-
-_decode = msgspec.json.Decoder(_Message).decode
-_IGNORED_TYPES = frozenset({"status", "l2update", "snapshot", "match", "last_match", "received"})
-
-
-def parse_ticker(data: str | bytes) -> tuple[str, Decimal, int, datetime] | None:
-    """(product, price, trade_id, time) of a valid ticker, else None. Raises on bad JSON."""
-    msg = _decode(data)
-    if msg.type != "ticker" or not _valid_ticker(msg):
-        return None
-    return msg.product_id, msg.price, msg.trade_id, msg.time  # type: ignore[return-value]
-
-
-def _valid_ticker(msg: _Message) -> bool:
-    price = msg.price
-    return (
-        msg.product_id is not None
-        and price is not None
-        and price.is_finite()
-        and price > 0
-        and msg.trade_id is not None
-        and msg.time is not None
-        and msg.time.tzinfo is not None
-    )
-
-
-# ------------------------------------------------------------------ the socket
-class FeedConnectionClosed(Exception):
-    """The market-data socket ended (EOF, close frame, protocol error, failed handshake)."""
-
-
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_MAX_MESSAGE = 1 << 20
-
-
-class _FeedSocket:
-    """A WebSocket client for a server that streams small text messages.
-
-    Frames are parsed here rather than by a general-purpose library: the feed reads tens of
-    thousands of messages a second and handles a whole read's worth in one go, without a
-    task switch per message. Server frames are never masked; client frames always are.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, buffered: bytes) -> None:
-        self.stream = stream
-        self.buffer = bytearray(buffered)
-        self.parts: list[bytes] = []
-        self.send_lock = trio.Lock()
-
-    @classmethod
-    async def connect(cls, url: str) -> _FeedSocket:
-        """Open the TCP (TLS for wss) stream and do the opening handshake."""
-        parts = urlsplit(url)
-        secure = parts.scheme == "wss"
-        host = parts.hostname or "localhost"
-        port = parts.port or (443 if secure else 80)
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        try:
-            if secure:
-                stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host)
-            key = base64.b64encode(os.urandom(16))
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            await stream.send_all(
-                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
-            head = bytearray()
-            while b"\r\n\r\n" not in head:
-                data = await stream.receive_some(65536)
-                if not data or len(head) > 65536:
-                    raise FeedConnectionClosed("handshake: connection closed")
-                head += data
-            response, _, rest = bytes(head).partition(b"\r\n\r\n")
-            lines = response.split(b"\r\n")
-            if lines[0].split(b" ")[1:2] != [b"101"]:
-                raise FeedConnectionClosed(f"handshake refused: {lines[0].decode('latin-1')}")
-            accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
-            headers = {
-                name.strip().lower(): value.strip()
-                for name, _, value in (line.partition(b":") for line in lines[1:])
-            }
-            if headers.get(b"sec-websocket-accept") != accept:
-                raise FeedConnectionClosed("handshake: bad Sec-WebSocket-Accept")
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return cls(stream, rest)
-
-    async def receive_batch(self) -> list[bytes]:
-        """The complete text messages of the next read (at least one); raises
-        ``FeedConnectionClosed`` when the socket ends."""
-        while True:
-            messages = await self._parse()
-            if messages:
-                return messages
-            try:
-                data = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-                raise FeedConnectionClosed(repr(exc)) from exc
-            if not data:
-                raise FeedConnectionClosed("EOF")
-            self.buffer += data
-
-    async def _parse(self) -> list[bytes]:
-        buf, pos, messages = self.buffer, 0, []
-        size = len(buf)
-        while size - pos >= 2:
-            first, second = buf[pos], buf[pos + 1]
-            length, start = second & 0x7F, pos + 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length, start = int.from_bytes(buf[pos + 2 : pos + 4], "big"), pos + 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length, start = int.from_bytes(buf[pos + 2 : pos + 10], "big"), pos + 10
-            if second & 0x80:
-                raise FeedConnectionClosed("protocol error: masked server frame")
-            if length > _MAX_MESSAGE:
-                raise FeedConnectionClosed("message too big")
-            end = start + length
-            if end > size:
-                break
-            payload = bytes(buf[start:end])
-            pos = end
-            opcode = first & 0x0F
-            if opcode in (0x1, 0x2, 0x0):
-                if first & 0x80 and not self.parts:
-                    messages.append(payload)
-                else:
-                    self.parts.append(payload)
-                    if first & 0x80:
-                        messages.append(b"".join(self.parts))
-                        self.parts = []
-            elif opcode == 0x9:
-                await self._send_frame(0xA, payload)
-            elif opcode == 0x8:
-                raise FeedConnectionClosed("closed by server")
-        del buf[:pos]
-        return messages
-
-    async def _send_frame(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            header = bytes((0x80 | opcode, 0x80 | n))
-        elif n < 65536:
-            header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-        else:
-            header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-        masked = (
-            int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")
-        ).to_bytes(n, "big")
-        async with self.send_lock:
-            try:
-                await self.stream.send_all(header + mask + masked)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-                raise FeedConnectionClosed(repr(exc)) from exc
-
-    async def send_text(self, text: str) -> None:
-        await self._send_frame(0x1, text.encode())
-
-    async def aclose(self) -> None:
-        """Send a close frame (best effort, briefly) and close the stream."""
-        with trio.move_on_after(1.0) as scope:
-            scope.shield = True
-            try:
-                await self._send_frame(0x8, (1000).to_bytes(2, "big"))
-            except FeedConnectionClosed:
-                pass
-            await trio.aclose_forcefully(self.stream)
+    def connection(self) -> ConnectionSettings:
+        return ConnectionSettings(
+            self.url, ssl_context=self.ssl_context, connect_timeout_s=self.connect_timeout_s
+        )
 
 
 # ------------------------------------------------------------------ the actor
-class _Recycle(Exception):
-    """End this connection and reconnect (stale product, ack timeout)."""
+class _Subscriptions:
+    """One open connection's subscription state (what Coinbase acknowledged on it)."""
 
-
-class _Session:
-    """One open connection's subscription state."""
-
-    def __init__(self, ws: _FeedSocket) -> None:
+    def __init__(self, ws: FeedConnection) -> None:
         self.ws = ws
         self.subscribed: set[str] = set()
-        self.in_flight: tuple[str, str] | None = None
-        self.answers_send, self.answers = trio.open_memory_channel[_Message](math.inf)
+        self.in_flight: tuple[coinbase.SubscriptionOp, str] | None = None
+        self.answers_send, self.answers = trio.open_memory_channel[coinbase.Message](math.inf)
         self.delivered = False
         self.first_ticker_seen: set[str] = set()
         self.recycle_reason: str | None = None
+        self.protocol_error = False
 
 
 class _Feed:
@@ -393,9 +106,9 @@ class _Feed:
         self.watched: dict[str, float | None] = {}
         self.rejected: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.waiters: dict[str, list[Watch]] = {}
-        self.session: _Session | None = None
+        self.session: _Subscriptions | None = None
         self.backing_off = False
-        self.last_session: _Session | None = None
+        self.last_session: _Subscriptions | None = None
         self.changed = trio.Event()
         # Last ticker trade id per product, kept across reconnects to see jumps.
         self.last_trade_id: dict[str, int] = {}
@@ -473,15 +186,18 @@ class _Feed:
             self.last_session = None
             try:
                 await self.run_session()
-            except (OSError, FeedConnectionClosed, trio.TooSlowError) as exc:
-                log.warning("feed: connection to %s failed: %r", self.config.url, exc)
+            except FeedConnectionError as exc:
+                self.status.last_error = str(exc)
+                log.warning("feed: connection to %s failed: %s", self.config.url, exc)
             session = self.last_session
             if session is not None and session.recycle_reason == "idle":
                 continue
-            if session is not None and session.delivered:
+            # A server that delivers and then breaks the protocol is not a healthy one: its
+            # reconnects keep backing off.
+            if session is not None and session.delivered and not session.protocol_error:
                 attempt = 0
             self.status.reconnects += 1
-            delay = backoff_delay(
+            delay = backoff.full_jitter(
                 attempt, self.config.reconnect_base_s, self.config.reconnect_max_s, self.rng
             )
             self.status.backoffs.append((attempt, delay))
@@ -494,12 +210,11 @@ class _Feed:
             finally:
                 self.backing_off = False
 
-    async def run_session(self) -> _Session:
-        config = self.config
-        with trio.fail_after(config.connect_timeout_s):
-            ws = await _FeedSocket.connect(config.url)
-        try:
-            session = self.last_session = _Session(ws)
+    async def run_session(self) -> _Subscriptions:
+        """One connection, from connect to its end; raises ``FeedConnectionError`` when it
+        cannot connect (a connection that ends after opening returns normally)."""
+        async with open_connection(self.config.connection()) as ws:
+            session = self.last_session = _Subscriptions(ws)
             self.session = session
             self.status.connected = True
             try:
@@ -514,61 +229,59 @@ class _Feed:
                 # Answer now: closing a stuck connection can take a while.
                 for symbol in list(self.waiters):
                     self.settle_waiters(symbol, SubscribeOutcome.PENDING)
-        finally:
-            await ws.aclose()
         if session.recycle_reason and session.recycle_reason != "idle":
             log.warning("feed: recycling connection: %s", session.recycle_reason)
         return session
 
-    async def read(self, session: _Session) -> None:
-        """Take every message off the socket; returns when the server closed it."""
-        ws = session.ws
+    async def read(self, session: _Subscriptions) -> None:
+        """Take every message off the socket; returns when the connection ended."""
+        receive = session.ws.receive
         on_message = self.on_message
+        faults = self.faults
         while True:
             try:
-                batch = await ws.receive_batch()
-            except FeedConnectionClosed as exc:
-                log.info("feed: connection ended: %s", exc)
+                data = await receive()
+            except FeedConnectionError as exc:
+                self.status.last_error = str(exc)
+                if exc.protocol_error:
+                    session.protocol_error = True
+                    self.status.protocol_errors += 1
+                    log.warning("feed: %s broke the WebSocket protocol: %s", self.config.url, exc)
+                else:
+                    log.info("feed: connection ended: %s", exc)
                 return
             session.delivered = True
-            await fault_points.hit(self.faults, "feed.before_batch")
-            now = trio.current_time()
-            for data in batch:
-                on_message(session, data, now)
+            if faults is not None:
+                await fault_points.hit(faults, "feed.before_batch")
+            on_message(session, data, trio.current_time())
 
-    def on_message(self, session: _Session, data: str | bytes, now: float) -> None:
+    def on_message(self, session: _Subscriptions, data: str | bytes, now: float) -> None:
         """Parse one message (received at Trio time ``now``) and act on it; never raises for
         bad input, never blocks."""
         try:
-            msg = _decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            msg = coinbase.parse(data)
+        except coinbase.MalformedMessage:
             self.status.malformed += 1
             return
         kind = msg.type
         if kind == "ticker":
-            if not _valid_ticker(msg):
-                self.status.malformed += 1
-                return
             self.on_ticker(session, msg, now)
         elif kind == "heartbeat":
-            if msg.product_id is None or msg.last_trade_id is None:
-                self.status.malformed += 1
-                return
-            self.on_heartbeat(msg.product_id, msg.last_trade_id, now)
+            self.on_heartbeat(msg.product_id, msg.last_trade_id, now)  # type: ignore[arg-type]
         elif kind == "subscriptions":
             session.answers_send.send_nowait(msg)
         elif kind == "error":
-            if msg.message == "Failed to subscribe" and session.in_flight is not None:
+            if coinbase.is_subscribe_failure(msg) and session.in_flight is not None:
                 session.answers_send.send_nowait(msg)
             else:
                 self.status.errors += 1
                 log.warning("feed: Coinbase error %s: %s", msg.message, msg.reason)
-        elif kind in _IGNORED_TYPES:
+        elif kind in coinbase.IGNORED_TYPES:
             pass
         else:
             self.status.unknown += 1
 
-    def on_ticker(self, session: _Session, msg: _Message, now: float) -> None:
+    def on_ticker(self, session: _Subscriptions, msg: coinbase.Message, now: float) -> None:
         product: str = msg.product_id  # type: ignore[assignment]
         trade_id: int = msg.trade_id  # type: ignore[assignment]
         status = self.status.products.get(product) or self.status.product(product)
@@ -624,11 +337,13 @@ class _Feed:
         )
 
     # -------------------------------------------------------------- subscriptions
-    async def subscribe_loop(self, session: _Session, scope: trio.CancelScope) -> None:
+    async def subscribe_loop(self, session: _Subscriptions, scope: trio.CancelScope) -> None:
         """Bring the connection's subscriptions to the desired set, one product at a time."""
         while True:
             desired = self.desired()
-            todo = next((("subscribe", s) for s in desired if s not in session.subscribed), None)
+            todo: tuple[coinbase.SubscriptionOp, str] | None = next(
+                (("subscribe", s) for s in desired if s not in session.subscribed), None
+            )
             if todo is None:
                 todo = next(
                     (("unsubscribe", s) for s in session.subscribed if s not in desired), None
@@ -642,34 +357,28 @@ class _Feed:
                 continue
             op, symbol = todo
             session.in_flight = todo
-            channel = [symbol]
             try:
-                await session.ws.send_text(
-                    json.dumps(
-                        {
-                            "type": op,
-                            "channels": [
-                                {"name": "ticker", "product_ids": channel},
-                                {"name": "heartbeat", "product_ids": channel},
-                            ],
-                        }
-                    )
-                )
-            except FeedConnectionClosed:
-                # The reader sees the end of the socket too and ends the session.
+                await session.ws.send(coinbase.subscription_request(op, symbol))
+            except FeedConnectionError:
+                # The reader sees the end of the connection too and ends the session.
                 scope.cancel()
                 return
-            answer: _Message | None = None
+            answer: coinbase.Message | None = None
             with trio.move_on_after(self.config.ack_timeout_s):
                 answer = await session.answers.receive()
             session.in_flight = None
             if answer is None:
-                session.recycle_reason = f"no answer to {op} {symbol}"
-                scope.cancel()
+                self.recycle(session, f"no answer to {op} {symbol}", scope)
                 return
             self.on_answer(session, op, symbol, answer)
 
-    def on_answer(self, session: _Session, op: str, symbol: str, answer: _Message) -> None:
+    def on_answer(
+        self,
+        session: _Subscriptions,
+        op: coinbase.SubscriptionOp,
+        symbol: str,
+        answer: coinbase.Message,
+    ) -> None:
         if answer.type == "error":
             reason = answer.reason or answer.message or "rejected"
             log.warning("feed: Coinbase rejected %s %s: %s", op, symbol, reason)
@@ -683,8 +392,7 @@ class _Feed:
                 self.settle_waiters(symbol, SubscribeOutcome.rejected(reason))
             return
         # The ack lists the whole current set: it is the truth about this connection.
-        ticker = next((c.product_ids for c in answer.channels or [] if c.name == "ticker"), [])
-        session.subscribed = set(ticker)
+        session.subscribed = coinbase.subscribed_tickers(answer)
         now = trio.current_time()
         if op == "subscribe" and symbol in session.subscribed:
             product = self.status.product(symbol)
@@ -692,11 +400,19 @@ class _Feed:
             # from here on counts towards staleness.
             product.last_message_at = now
             product.state, product.reason = "live", None
+            # A subscribed connection: whatever failed before is over.
+            self.status.last_error = None
             self.settle_waiters(symbol, SubscribeOutcome.ACCEPTED)
         elif op == "unsubscribe" and symbol not in session.subscribed:
             self.status.products.pop(symbol, None)
 
-    async def watchdog(self, session: _Session, scope: trio.CancelScope) -> None:
+    def recycle(self, session: _Subscriptions, reason: str, scope: trio.CancelScope) -> None:
+        """End this connection (then reconnect) for ``reason``, shown in /ready at once."""
+        session.recycle_reason = reason
+        self.status.last_error = f"connection recycled: {reason}"
+        scope.cancel()
+
+    async def watchdog(self, session: _Subscriptions, scope: trio.CancelScope) -> None:
         """Recycle the connection when a subscribed product has been silent too long."""
         timeout = self.config.heartbeat_timeout_s
         while True:
@@ -706,8 +422,7 @@ class _Feed:
                 product = self.status.product(symbol)
                 if product.last_message_at is not None and now - product.last_message_at > timeout:
                     product.state = "stale"
-                    session.recycle_reason = f"{symbol} silent for {timeout} s"
-                    scope.cancel()
+                    self.recycle(session, f"{symbol} silent for {timeout} s", scope)
                     return
 
 

@@ -9,7 +9,7 @@ exactly one value on it, or an exception instance when it failed.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import attrs
 import trio
@@ -40,6 +40,7 @@ __all__ = [
     "CreateResult",
     "Event",
     "FanoutMessage",
+    "FeedCommand",
     "EventSource",
     "EventType",
     "Join",
@@ -49,8 +50,11 @@ __all__ = [
     "Position",
     "Side",
     "Status",
+    "SubscribeOutcome",
     "Track",
     "Untrack",
+    "Unwatch",
+    "Watch",
     "WriteRejected",
 ]
 
@@ -93,6 +97,44 @@ class Untrack:
     position_id: uuid.UUID
 
 
+@attrs.frozen
+class SubscribeOutcome:
+    """The feed's answer to ``Watch``: accepted, rejected (with Coinbase's reason), or pending
+    (no connection right now: the symbol is subscribed once one is up)."""
+
+    status: Literal["accepted", "rejected", "pending"]
+    reason: str | None = None
+
+    ACCEPTED: ClassVar[SubscribeOutcome]
+    PENDING: ClassVar[SubscribeOutcome]
+
+    @classmethod
+    def rejected(cls, reason: str) -> SubscribeOutcome:
+        return cls("rejected", reason)
+
+
+SubscribeOutcome.ACCEPTED = SubscribeOutcome("accepted")
+SubscribeOutcome.PENDING = SubscribeOutcome("pending")
+
+
+@attrs.frozen(eq=False)
+class Watch:
+    """engine, web or supervisor → feed: ensure ``symbol`` is subscribed. The reply (if any)
+    gets a ``SubscribeOutcome``."""
+
+    symbol: str
+    reply: trio.MemorySendChannel[Any] | None = None
+
+
+@attrs.frozen
+class Unwatch:
+    """engine → feed: the last open position on ``symbol`` closed: unsubscribe after the
+    feed's linger time unless a ``Watch`` comes first. Ignored for the always-subscribed
+    products."""
+
+    symbol: str
+
+
 @attrs.frozen(eq=False)
 class Join:
     """/ws → fanout: deliver this user's events to ``queue`` from now on."""
@@ -110,3 +152,4 @@ class Leave:
 # What each actor's mailbox carries.
 PersistenceRequest = CreateRequest | CloseRequest
 FanoutMessage = Event | Join | Leave
+FeedCommand = Watch | Unwatch

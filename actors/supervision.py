@@ -52,6 +52,7 @@ from typing import Any
 import attrs
 import trio
 
+from tickguard.actors.backoff import exponential
 from tickguard.actors.mailbox import Mailbox
 from tickguard.logs import ACTOR
 
@@ -83,7 +84,7 @@ class RestartPolicy:
 
     def backoff(self, consecutive: int) -> float:
         """The wait before the ``consecutive``-th restart in a row (1-based)."""
-        return float(min(self.backoff_base_s * 2 ** (consecutive - 1), self.backoff_max_s))
+        return exponential(consecutive - 1, self.backoff_base_s, self.backoff_max_s)
 
 
 @attrs.frozen

@@ -21,6 +21,7 @@ from bench.common import DEFAULT_ADMIN_URL, PLOTS_DIR, REPO, Context, WeakDurabi
 BENCHMARKS = {
     "engine": "bench.engine",
     "ingest": "bench.ingest",
+    "feed_ingest": "bench.feed_ingest",
     "latency": "bench.latency",
     "cascade": "bench.cascade",
     "rest": "bench.rest",

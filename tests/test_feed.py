@@ -11,17 +11,11 @@ import trio
 import trio.testing
 from sim_fixtures import eventually
 
-from tickguard.actors.feed import (
-    FeedConfig,
-    FeedStatus,
-    SubscribeOutcome,
-    Unwatch,
-    Watch,
-    backoff_delay,
-    parse_ticker,
-    run,
-)
+from tickguard.actors import backoff, coinbase
+from tickguard.actors.feed import FeedConfig, run
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox, ask
+from tickguard.actors.messages import SubscribeOutcome, Unwatch, Watch
 from tickguard.actors.window import WindowSlots
 from tickguard.sim import Simulator, open_simulator
 
@@ -175,13 +169,28 @@ async def test_backoff_grows_within_bounds_and_resets_after_data(autojump_clock)
         assert h.status.backoffs[-1][0] == 0
 
 
+def test_backoff_exponential_doubles_up_to_the_cap_and_stays_finite():
+    assert [backoff.exponential(n, 0.5, 30.0) for n in range(8)] == [
+        0.5,
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        16.0,
+        30.0,
+        30.0,
+    ]
+    # An engine retries a failed close forever: a huge attempt count stays at the cap.
+    assert backoff.exponential(5000, 0.5, 30.0) == 30.0
+
+
 def test_backoff_delay_full_jitter_bounds():
     import random
 
     rng = random.Random(1)
     for attempt in range(80):
         cap = min(30.0, 1.0 * 2**attempt)
-        samples = [backoff_delay(attempt, 1.0, 30.0, rng) for _ in range(50)]
+        samples = [backoff.full_jitter(attempt, 1.0, 30.0, rng) for _ in range(50)]
         assert all(0 <= s <= cap for s in samples)
 
 
@@ -202,6 +211,11 @@ async def test_stale_state_is_reported_while_silent(autojump_clock):
         snapshot = h.status.snapshot()
         assert snapshot["products"]["BTC-USD"]["state"] == "stale"
         assert snapshot["products"]["BTC-USD"]["age_s"] >= 3.0
+        # Why: the recycle, then each refused reconnect.
+        assert snapshot["products"]["BTC-USD"]["lastError"] in (
+            "connection recycled: BTC-USD silent for 3.0 s",
+            "handshake refused: HTTP 503",
+        )
 
 
 async def test_missed_trades_from_heartbeats_and_across_a_reconnect(autojump_clock):
@@ -281,15 +295,55 @@ async def test_ack_timeout_recycles_the_connection(autojump_clock):
         await eventually(lambda: h.sim.subscribers("ETH-USD") == 1, timeout=60)
 
 
-def test_parse_ticker_is_exact():
-    text = (
-        '{"type":"ticker","sequence":1,"product_id":"ETH-USD","price":"1285.22",'
-        '"time":"2022-10-19T23:28:22.061769Z","trade_id":370843401,"last_size":"11.4396987"}'
+TICKER = (
+    '{"type":"ticker","sequence":1,"product_id":"ETH-USD","price":"1285.22",'
+    '"time":"2022-10-19T23:28:22.061769Z","trade_id":370843401,"last_size":"11.4396987"}'
+)
+
+
+def test_coinbase_parse_reads_a_ticker_exactly():
+    msg = coinbase.parse(TICKER)
+    assert (msg.type, msg.product_id, msg.price, msg.trade_id) == (
+        "ticker",
+        "ETH-USD",
+        Decimal("1285.22"),
+        370843401,
     )
-    product, price, trade_id, time = parse_ticker(text)
-    assert (product, price, trade_id) == ("ETH-USD", Decimal("1285.22"), 370843401)
-    assert time.microsecond == 61769 and time.utcoffset().total_seconds() == 0
-    assert parse_ticker(text.replace('"1285.22"', '"NaN"')) is None
+    assert msg.time.microsecond == 61769 and msg.time.utcoffset().total_seconds() == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        TICKER.replace('"1285.22"', '"NaN"'),
+        TICKER.replace('"1285.22"', '"0"'),
+        TICKER.replace('"1285.22"', '"-1"'),
+        TICKER.replace('"2022-10-19T23:28:22.061769Z"', '"2022-10-19T23:28:22"'),
+        TICKER.replace('"trade_id":370843401,', ""),
+        TICKER.replace('"product_id":"ETH-USD",', ""),
+        '{"type":"heartbeat","product_id":"BTC-USD"}',
+        '{"type":"heartbeat","last_trade_id":5}',
+        '{"product_id":"BTC-USD"}',
+        "[1, 2]",
+        "not json",
+    ],
+)
+def test_coinbase_parse_refuses_what_the_feed_cannot_use(bad):
+    with pytest.raises(coinbase.MalformedMessage):
+        coinbase.parse(bad)
+
+
+def test_coinbase_subscription_request_names_one_product_on_both_channels():
+    import json
+
+    message = json.loads(coinbase.subscription_request("unsubscribe", "SOL-USD"))
+    assert message == {
+        "type": "unsubscribe",
+        "channels": [
+            {"name": "ticker", "product_ids": ["SOL-USD"]},
+            {"name": "heartbeat", "product_ids": ["SOL-USD"]},
+        ],
+    }
 
 
 async def test_large_and_ignored_messages_do_not_disturb_the_frame_parser(autojump_clock):

@@ -19,7 +19,7 @@ from web_harness import (
     services_without_database,
 )
 
-from tickguard.actors.feed import FeedStatus
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import WindowSlots
 from tickguard.storage import Database

@@ -14,7 +14,7 @@ from web_harness import make_settings, running_app
 
 from tickguard.actors.engine import EngineStats
 from tickguard.actors.fanout import FanoutStats
-from tickguard.actors.feed import FeedStatus
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.persistence import PersistenceStats
 from tickguard.sim import open_simulator

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from tickguard.actors import fanout, persistence
-from tickguard.actors.feed import FeedStatus
+from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Track, Untrack
 from tickguard.actors.window import WindowSlots

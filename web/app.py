@@ -25,10 +25,10 @@ from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
 from tickguard.web.routes import routes
 from tickguard.web.seq_reader import SEQ_READER, SeqReader
-from tickguard.web.services import EXTENSION, AppServices, FeedStatus, services_of
+from tickguard.web.services import EXTENSION, AppServices, FeedReport, services_of
 from tickguard.web.ws import LIVE_SESSIONS, MAX_FRAME_BYTES, LiveSessions, live_sessions, ws
 
-__all__ = ["AppServices", "FeedStatus", "create_app", "serve", "services_of"]
+__all__ = ["AppServices", "FeedReport", "create_app", "serve", "services_of"]
 
 MAX_BODY_BYTES = 64 * 1024
 # Seconds between the server's WebSocket pings (keep-alive through proxies and NATs).

@@ -21,8 +21,9 @@ from tickguard.storage import ReadOnlyDatabase
 EXTENSION = "tickguard"
 
 
-class FeedStatus(Protocol):
-    """The feed's per-product state, as ``/ready`` reports it."""
+class FeedReport(Protocol):
+    """What /ready shows of the feed (``actors.feed_status.FeedStatus`` is the one the
+    supervisor passes)."""
 
     def snapshot(self) -> dict[str, Any]: ...
 
@@ -53,7 +54,7 @@ class AppServices:
     persistence: Mailbox[PersistenceRequest]
     fanout: Mailbox[FanoutMessage]
     feed: Mailbox[Any] | None = None
-    feed_status: FeedStatus | None = None
+    feed_status: FeedReport | None = None
     catalog: ProductCatalog | None = None
     slots: WindowSlots = attrs.field(factory=WindowSlots)
     metrics: Any = None

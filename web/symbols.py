@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from tickguard.actors.feed import SubscribeOutcome, Watch
 from tickguard.actors.mailbox import ActorUnavailable, ask
+from tickguard.actors.messages import SubscribeOutcome, Watch
 
 if TYPE_CHECKING:
     from tickguard.web.app import AppServices
