@@ -18,7 +18,7 @@ import attrs
 import httpx
 import trio
 
-from tickguard.actors.feed import backoff_delay
+from tickguard.actors.backoff import full_jitter
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ async def run(
                 # One warning per outage, not one per retry.
                 level = logging.WARNING if failed_in_a_row == 0 else logging.DEBUG
                 log.log(level, "products: cannot read %s/products (%s)", config.rest_url, exc)
-                delay = backoff_delay(failed_in_a_row, config.retry_base_s, config.retry_max_s, rng)
+                delay = full_jitter(failed_in_a_row, config.retry_base_s, config.retry_max_s, rng)
                 failed_in_a_row += 1
                 retry_after = exc.retry_after if isinstance(exc, CatalogUnreadable) else 0.0
                 await trio.sleep(max(delay, retry_after))
