@@ -177,12 +177,12 @@ async def test_while_the_list_is_unreadable_the_feed_decides_then_the_list_does(
             assert (await create(service, "ETH-USD")).status_code == 201
 
 
-def test_the_catalog_is_a_supervised_child_pointed_at_coinbase_rest_url():
+async def test_the_catalog_is_a_supervised_child_pointed_at_coinbase_rest_url(db: Database) -> None:
     from tickguard.config import Settings
     from tickguard.supervisor import build_tree
 
     settings = Settings(coinbase_rest_url="http://127.0.0.1:9", database_url="postgresql://x")
-    tree = build_tree(settings, db=None)  # type: ignore[arg-type]  # nothing runs here
+    tree = build_tree(settings, db)  # built, never run
     spec = next(c for c in tree.supervisor._initial if c.id == "products")
     assert isinstance(spec.start, partial)
     assert spec.start.args[0] == CatalogConfig("http://127.0.0.1:9", 3600)
