@@ -121,6 +121,12 @@ async def run(
             load.add(engine.watchable(page))
             del page
     engine.watch_load(load)
+    # Invariant 10 at start: ticks that piled up in the slot while no engine took them (the
+    # symbol had no engine yet, or this one was restarting) can be older than a position loaded
+    # just now (an engine started by a create loads that very position). Judge that backlog
+    # only against positions older than its first trade, before any live window.
+    while (backlog := slot.take_nowait()) is not None:
+        engine.judge(backlog, created_before=backlog.first_time)
     stats.starts += 1
     log.info(
         "engine %s started with %d open position%s",
@@ -229,10 +235,10 @@ class _Engine:
         self._closer.forget(position_id)
         self._stats.positions_open = len(self._index)
 
-    def judge(self, window: TickWindow) -> None:
+    def judge(self, window: TickWindow, *, created_before: datetime | None = None) -> None:
         """Judge one window and hand what it triggered to the closer, as one batch."""
         started = time.perf_counter()
-        triggers = self._index.judge(window)
+        triggers = self._index.judge(window, created_before=created_before)
         if triggers:
             self._closer.submit(_orders(triggers, window.last_time))
         stats = self._stats

@@ -152,20 +152,23 @@ class TriggerIndex:
             tp_list.remove((watched.take_profit, position_id))
         return True
 
-    def judge(self, window: TickWindow) -> list[Trigger]:
+    def judge(self, window: TickWindow, *, created_before: datetime | None = None) -> list[Trigger]:
         """The positions this window closes (stop losses first), removed from the index.
 
         Reads O(log n + k + s) entries: k triggered, s crossed but created after the window's
         last trade (those stay, for a later window). Never judges a position twice: a triggered
-        position is gone from the index until someone adds it again.
+        position is gone from the index until someone adds it again. ``created_before``
+        narrows the window to positions created before that time (an engine's start-up backlog,
+        whose extremes may be older than a position loaded just now).
         """
+        cutoff = window.last_time if created_before is None else created_before
         low, high = window.low, window.high
         stops: dict[uuid.UUID, Trigger] = {}
         takes: dict[uuid.UUID, Trigger] = {}
-        self._hits(_from_low(self._long_sl, low), window, "stop_loss", stops)
-        self._hits(_to_high(self._short_sl, high), window, "stop_loss", stops)
-        self._hits(_to_high(self._long_tp, high), window, "take_profit", takes)
-        self._hits(_from_low(self._short_tp, low), window, "take_profit", takes)
+        self._hits(_from_low(self._long_sl, low), cutoff, "stop_loss", stops)
+        self._hits(_to_high(self._short_sl, high), cutoff, "stop_loss", stops)
+        self._hits(_to_high(self._long_tp, high), cutoff, "take_profit", takes)
+        self._hits(_from_low(self._short_tp, low), cutoff, "take_profit", takes)
         triggers = list(stops.values())
         triggers.extend(t for pid, t in takes.items() if pid not in stops)  # stop loss wins
         for trigger in triggers:
@@ -175,13 +178,13 @@ class TriggerIndex:
     def _hits(
         self,
         entries: Iterable[_Entry],
-        window: TickWindow,
+        cutoff: datetime,
         reason: TriggerReason,
         into: dict[uuid.UUID, Trigger],
     ) -> None:
         for level, position_id in entries:
             watched = self._watched[position_id]
-            if watched.created_at > window.last_time:
+            if watched.created_at > cutoff:
                 continue  # invariant 10: this window's trades are all older than the position
             into[position_id] = Trigger(position_id, watched.user_id, reason, level)
 

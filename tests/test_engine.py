@@ -202,6 +202,31 @@ async def test_loads_at_start_and_sends_a_window_s_triggers_as_one_batch(autojum
         assert h.db.rows[safe.id].status == "open"
 
 
+async def test_a_start_up_backlog_never_closes_a_position_younger_than_its_first_trade(
+    autojump_clock,
+) -> None:
+    """Invariant 10 when the engine starts: the slot has gathered ticks while no engine took
+    them (e.g. the first create on a symbol starts its engine, which loads that very position).
+    An extreme from before a loaded position, merged with later ticks, must not close it; the
+    positions older than the whole backlog are judged by it."""
+    old = position(sl="90", created=0)
+    young = position(sl="90", created=5)  # created after the backlog's first (extreme) trade
+    db = Persistence(old, young)
+    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats())
+    h.tick("85", 3)  # the extreme: before `young` existed
+    h.tick("95", 6)  # merged into the same window, after it
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.serve)
+        h.scope = await start_engine(nursery, h)
+        _, request = await h.db.next_request()
+        assert ids(request) == {old.id}
+        assert request.orders[0].triggered_at == at(6)
+        h.tick("89", 7)  # a live window after `young` existed: it closes
+        _, request = await h.db.next_request()
+        assert ids(request) == {young.id}
+        nursery.cancel_scope.cancel()
+
+
 async def test_only_failed_ids_are_retried_with_backoff(autojump_clock) -> None:
     a, b, c = (position(sl="90") for _ in range(3))
     async with engine_running(a, b, c) as h:
