@@ -12,7 +12,7 @@ Reading this file should explain the program. Inside one ``trio.run``:
         fanout        WebSocket sessions and their bounded queues
         feed          one Coinbase connection; merges tickers into each symbol's WindowSlot
         products      Coinbase's product list (REST), re-read hourly; web checks symbols on it
-        engines       a nested supervisor: one engine per symbol, started on demand
+        engines       a nested supervisor (actors/engines.py): one engine per symbol, on demand
         web           hypercorn serving the quart-trio app (REST + /ws)
 
 Start order is the list above; on SIGINT/SIGTERM the stop order is web (stop accepting),
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -37,11 +36,12 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from tickguard.actors import engine, fanout, feed, persistence, products
+from tickguard.actors import fanout, feed, persistence, products
+from tickguard.actors.engines import EngineDirectory
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FanoutMessage, PersistenceRequest, Track, Untrack, Watch
+from tickguard.actors.messages import FanoutMessage, FeedCommand, PersistenceRequest
 from tickguard.actors.supervision import (
     ChildSpec,
     RestartPolicy,
@@ -50,86 +50,13 @@ from tickguard.actors.supervision import (
 )
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, loading, runtime
+from tickguard.storage import Database, runtime
 from tickguard.storage.embedded import EmbeddedPostgres, watch_server
 from tickguard.storage.outage import quiet_outages
 
 log = logging.getLogger("tickguard")
 
 E = TypeVar("E", bound=BaseException)
-
-
-class EngineDirectory:
-    """The per-symbol engines: their mailboxes, and starting an engine on first use.
-
-    ``send`` never blocks: it queues the message on the symbol's mailbox (unbounded) and, the
-    first time a symbol is seen, asks the starter to start its engine. The engine loads its
-    open positions from the database as it starts, so a Track queued before that is harmless
-    (the engine ignores a position it already holds).
-    """
-
-    def __init__(
-        self,
-        db: Database,
-        slots: WindowSlots,
-        persistence_box: Mailbox[PersistenceRequest],
-        feed_box: Mailbox[Any] | None,
-        *,
-        engine_config: engine.EngineConfig = engine.EngineConfig(),
-        faults: FaultPoints | None = None,
-    ) -> None:
-        self.db = db
-        self.slots = slots
-        self.persistence_box = persistence_box
-        self.feed_box = feed_box
-        self.engine_config = engine_config
-        self.faults = faults
-        self.mailboxes: dict[str, Mailbox[Track | Untrack]] = {}
-        self.stats: dict[str, engine.EngineStats] = {}  # per symbol, across engine restarts
-        self.supervisor = Supervisor([ChildSpec("engine-starter", self._run_starter)])
-        self._wanted_send, self._wanted = trio.open_memory_channel[str](math.inf)
-
-    def send(self, symbol: str, message: Track | Untrack) -> None:
-        self._mailbox(symbol).send_nowait(message)
-
-    def _mailbox(self, symbol: str) -> Mailbox[Track | Untrack]:
-        box = self.mailboxes.get(symbol)
-        if box is None:
-            box = self.mailboxes[symbol] = Mailbox(f"engine:{symbol}")
-            self._wanted_send.send_nowait(symbol)
-        return box
-
-    async def _run_starter(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Start an engine for every symbol with open positions, then each new symbol."""
-        for symbol in await loading.open_symbols(self.db):
-            self._mailbox(symbol)
-        for symbol in list(self.mailboxes):  # also after a restart of this supervisor
-            await self._ensure(symbol)
-        task_status.started()
-        async for symbol in self._wanted:
-            await self._ensure(symbol)
-
-    async def _ensure(self, symbol: str) -> None:
-        child_id = f"engine:{symbol}"
-        if self.supervisor.has_child(child_id):
-            return
-        if self.feed_box is not None:
-            self.feed_box.send_nowait(Watch(symbol, reply=None))
-        start = functools.partial(
-            engine.run,
-            symbol,
-            self.slots.get(symbol),
-            self.mailboxes[symbol],
-            self.persistence_box,
-            functools.partial(loading.open_positions, self.db),
-            config=self.engine_config,
-            stats=self.stats.setdefault(symbol, engine.EngineStats()),
-            feed=self.feed_box,
-            faults=self.faults,
-        )
-        await self.supervisor.start_child(
-            ChildSpec(child_id, start, mailboxes=(self.mailboxes[symbol],))
-        )
 
 
 @attrs.frozen
@@ -142,7 +69,7 @@ class Tree:
     slots: WindowSlots
     persistence_box: Mailbox[PersistenceRequest]
     fanout_box: Mailbox[FanoutMessage]
-    feed_box: Mailbox[Any]
+    feed_box: Mailbox[FeedCommand]
     feed_status: FeedStatus
     engines: EngineDirectory
     app: Any
@@ -178,7 +105,7 @@ def build_tree(
     slots = WindowSlots()
     persistence_box: Mailbox[PersistenceRequest] = Mailbox("persistence")
     fanout_box: Mailbox[FanoutMessage] = Mailbox("fanout")
-    feed_box: Mailbox[Any] = Mailbox("feed")
+    feed_box: Mailbox[FeedCommand] = Mailbox("feed")
     feed_status = FeedStatus()
     catalog = products.ProductCatalog()
     # The actors write these counters and /metrics reads them; they outlive actor restarts.

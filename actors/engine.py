@@ -40,6 +40,7 @@ from tickguard.actors.messages import (
     CloseOutcome,
     CloseRequest,
     CloseResult,
+    FeedCommand,
     PersistenceRequest,
     Position,
     Track,
@@ -98,7 +99,7 @@ async def run(
     *,
     config: EngineConfig = EngineConfig(),
     stats: EngineStats | None = None,
-    feed: Mailbox[Any] | None = None,
+    feed: Mailbox[FeedCommand] | None = None,
     faults: FaultPoints | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -164,7 +165,10 @@ async def _take_windows(slot: WindowSlot, engine: _Engine) -> None:
 
 
 async def _follow_inbox(
-    inbox: Mailbox[Track | Untrack], slot: WindowSlot, engine: _Engine, feed: Mailbox[Any] | None
+    inbox: Mailbox[Track | Untrack],
+    slot: WindowSlot,
+    engine: _Engine,
+    feed: Mailbox[FeedCommand] | None,
 ) -> None:
     while True:
         message = await inbox.receive()

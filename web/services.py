@@ -12,7 +12,7 @@ import attrs
 from flask.sansio.app import App
 
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FanoutMessage, PersistenceRequest
+from tickguard.actors.messages import FanoutMessage, FeedCommand, PersistenceRequest
 from tickguard.actors.products import ProductCatalog
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
@@ -53,7 +53,7 @@ class AppServices:
     db: ReadOnlyDatabase  # reads only: every write goes through persistence
     persistence: Mailbox[PersistenceRequest]
     fanout: Mailbox[FanoutMessage]
-    feed: Mailbox[Any] | None = None
+    feed: Mailbox[FeedCommand] | None = None
     feed_status: FeedReport | None = None
     catalog: ProductCatalog | None = None
     slots: WindowSlots = attrs.field(factory=WindowSlots)
