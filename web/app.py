@@ -17,7 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from tickguard.config import Settings
-from tickguard.web import cors, errors, isolation, request_ids
+from tickguard.web import cors, errors, identity, isolation, request_ids
 from tickguard.web.dashboard import dashboard
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
@@ -47,6 +47,8 @@ def create_app(services: AppServices) -> QuartTrio:
     app.extensions[LIVE_SESSIONS] = LiveSessions()
     errors.install(app)
     cors.install(app, services.settings.cors_origins)
+    # After CORS: a preflight is answered before any token or rate-limit check.
+    identity.install(app, services.settings)
     app.register_blueprint(routes)
     app.register_blueprint(ws)
     app.register_blueprint(openapi)
