@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -31,6 +32,20 @@ LogFormat = Literal["text", "json"]
 
 # Libraries whose INFO lines repeat what tickguard logs itself.
 _QUIET_LOGGERS = ("hypercorn.access",)
+
+# What must never reach a log line (docs/SECURITY.md "What is logged"): the value of a
+# ``token=`` query parameter (the /ws client's), and anything shaped like a JWT (a compact
+# JWS: "eyJ" is the base64url of '{"'), wherever a library or a message put it.
+_TOKEN_PARAM = re.compile(r"(?i)([?&;](?:access_)?token=)[^&;#\s\"']+")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """``text`` with token query values and JWT-shaped strings replaced by ``[redacted]``."""
+    if "token=" not in text.lower() and "eyJ" not in text:
+        return text  # the common case costs two scans, no regex
+    return _JWT.sub(REDACTED, _TOKEN_PARAM.sub(lambda m: m.group(1) + REDACTED, text))
 
 
 def iso_time(created: float) -> str:
@@ -70,7 +85,7 @@ class TextFormatter(logging.Formatter):
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
-        return line
+        return redact(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -86,14 +101,14 @@ class JsonFormatter(logging.Formatter):
             "time": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
             "actor": getattr(record, "actor", None),
             "request_id": getattr(record, "request_id", None),
         }
         if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
+            body["exception"] = redact(self.formatException(record.exc_info))
         if record.stack_info:
-            body["stack"] = self.formatStack(record.stack_info)
+            body["stack"] = redact(self.formatStack(record.stack_info))
         # default=str: a message argument is already rendered, but ``extra`` values may not be
         # JSON types; a log line must never raise.
         return json.dumps(body, default=str)
