@@ -10,9 +10,13 @@ import hmac
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -382,3 +386,91 @@ def test_redact_hides_token_parameters_and_jwts_anywhere() -> None:
     assert logs.redact("GET /ws?token=opaque-value&x=1") == "GET /ws?token=[redacted]&x=1"
     assert logs.redact(f"header Bearer {token} seen") == "header Bearer [redacted] seen"
     assert logs.redact("GET /api/positions 200") == "GET /api/positions 200"
+
+
+# -------------------------------------------------------------------------- two-user fuzz
+FUZZ_CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,"
+    "response_schema_conformance,ignored_auth"
+)
+VICTIM = "victim-alice"
+
+
+@pytest.mark.timeout(300)
+async def test_a_fuzz_with_another_users_token_finds_no_cross_user_access(
+    db: Database, tmp_path: Path
+) -> None:
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    if not schemathesis.exists():
+        pytest.fail("schemathesis is not installed in the venv")
+    victim_token = RSA.sign(claims(VICTIM))
+    async with authed_service(db) as service:
+        with trio.fail_after(GUARD_S):
+            mine = [(await create(service, victim_token)).json()["data"] for _ in range(3)]
+            await service.http.post(
+                f"/api/positions/{mine[0]['id']}/close",
+                json={"closePrice": "66000"},
+                headers=bearer(victim_token),
+            )
+            before = [
+                (
+                    await service.http.get(
+                        f"/api/positions/{p['id']}", headers=bearer(victim_token)
+                    )
+                ).json()["data"]
+                for p in mine
+            ]
+        with trio.fail_after(240):
+            done = await trio.run_process(
+                [
+                    str(schemathesis),
+                    "run",
+                    f"{service.base_url}/openapi.json",
+                    "--header",
+                    f"Authorization: Bearer {bob()}",
+                    "--checks",
+                    FUZZ_CHECKS,
+                    "--max-examples",
+                    "30",
+                    "--seed",
+                    "1",
+                    "--phases",
+                    "examples,fuzzing",
+                    "--exclude-path",
+                    "/ws",
+                    "--no-color",
+                ],
+                cwd=tmp_path,
+                env={
+                    **os.environ,
+                    "SCHEMATHESIS_HOOKS": "fuzz_identity_hooks",
+                    "PYTHONPATH": str(Path(__file__).parent),
+                    "FUZZ_VICTIM": VICTIM,
+                    "FUZZ_VICTIM_IDS": ",".join(p["id"] for p in mine),
+                    "FUZZ_BREACHES": str(tmp_path / "breaches.txt"),
+                    "FUZZ_AIMED": str(tmp_path / "aimed.txt"),
+                },
+                capture_stdout=True,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        with trio.fail_after(GUARD_S):
+            after = [
+                (
+                    await service.http.get(
+                        f"/api/positions/{p['id']}", headers=bearer(victim_token)
+                    )
+                ).json()["data"]
+                for p in mine
+            ]
+            listed = await service.http.get("/api/positions", headers=bearer(victim_token))
+    output = done.stdout.decode(errors="replace")
+    print(output[-2500:])
+    assert done.returncode == 0, output[-6000:]
+    aimed = (tmp_path / "aimed.txt").read_text().splitlines()
+    assert len(aimed) > 10, aimed  # the fuzz did go for A's ids and A's userId
+    breaches = tmp_path / "breaches.txt"
+    assert not breaches.exists(), breaches.read_text()
+    # A's positions are exactly as they were: status, close fields, update time; none added.
+    assert after == before
+    assert {p["id"] for p in listed.json()["data"]} == {p["id"] for p in mine}
