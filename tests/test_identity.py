@@ -68,10 +68,15 @@ def bob() -> str:
 
 
 @asynccontextmanager
-async def authed_service(db: Database, **changes: Any) -> AsyncIterator[Service]:
-    """The whole service with AUTH_JWKS_URL on a local JWKS server holding RSA and EC."""
+async def authed_service(
+    db: Database, *, jwks_down: bool = False, **changes: Any
+) -> AsyncIterator[Service]:
+    """The whole service with AUTH_JWKS_URL on a local JWKS server holding RSA and EC
+    (``jwks_down``: the server is stopped before the service starts: the IdP is out)."""
     async with trio.open_nursery() as nursery:
         server = await serve_jwks(nursery, jwks(RSA, EC))
+        if jwks_down:
+            server.stop()
         async with open_simulator({"BTC-USD": "65000"}, heartbeat_interval=0.2) as sim:
             async with running_service(
                 db,
@@ -177,6 +182,20 @@ async def test_every_bad_token_is_401_on_every_route_and_free_routes_need_none(
                 f"/api/positions/{position['id']}", headers=bearer(alice())
             )
             assert mine.json()["data"]["status"] == "open"
+
+
+async def test_an_unreachable_jwks_refuses_tokens_with_401_and_free_routes_still_answer(
+    db: Database,
+) -> None:
+    async with authed_service(db, jwks_down=True) as service:
+        with trio.fail_after(GUARD_S):
+            refused = await create(service, alice())
+            assert refused.status_code == 401, refused.text
+            assert refused.json() == {"error": "Invalid or expired token."}
+            assert refused.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+            listed = await service.http.get("/api/positions", headers=bearer(bob()))
+            assert listed.status_code == 401
+            assert (await service.http.get("/ready")).status_code == 200
 
 
 async def test_the_later_client_acts_as_sub_and_a_different_userid_is_403(db: Database) -> None:
