@@ -6,6 +6,9 @@ child) and ``REQUEST_ID`` (the HTTP request being handled; the web layer sets it
 Trio's task tree: a task started inside an actor or a request inherits them. ``ContextFilter``
 copies them onto every record, so any logger in any library gets them without knowing.
 
+Both formats pass every message and traceback through ``redact``: a ``token=`` query value or
+a JWT-shaped string never reaches a log line, whichever logger wrote it (docs/SECURITY.md).
+
 Formats::
 
     text  2026-11-24T10:15:30.123Z INFO [engine:BTC-USD] tickguard.actors.engine: started
