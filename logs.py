@@ -6,6 +6,9 @@ child) and ``REQUEST_ID`` (the HTTP request being handled; the web layer sets it
 Trio's task tree: a task started inside an actor or a request inherits them. ``ContextFilter``
 copies them onto every record, so any logger in any library gets them without knowing.
 
+Both formats pass every message and traceback through ``redact``: a ``token=`` query value or
+a JWT-shaped string never reaches a log line, whichever logger wrote it (docs/SECURITY.md).
+
 Formats::
 
     text  2026-11-24T10:15:30.123Z INFO [engine:BTC-USD] tickguard.actors.engine: started
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -31,6 +35,20 @@ LogFormat = Literal["text", "json"]
 
 # Libraries whose INFO lines repeat what tickguard logs itself.
 _QUIET_LOGGERS = ("hypercorn.access",)
+
+# What must never reach a log line (docs/SECURITY.md "What is logged"): the value of a
+# ``token=`` query parameter (the /ws client's), and anything shaped like a JWT (a compact
+# JWS: "eyJ" is the base64url of '{"'), wherever a library or a message put it.
+_TOKEN_PARAM = re.compile(r"(?i)([?&;](?:access_)?token=)[^&;#\s\"']+")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """``text`` with token query values and JWT-shaped strings replaced by ``[redacted]``."""
+    if "token=" not in text.lower() and "eyJ" not in text:
+        return text  # the common case costs two scans, no regex
+    return _JWT.sub(REDACTED, _TOKEN_PARAM.sub(lambda m: m.group(1) + REDACTED, text))
 
 
 def iso_time(created: float) -> str:
@@ -70,7 +88,7 @@ class TextFormatter(logging.Formatter):
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
-        return line
+        return redact(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -86,14 +104,14 @@ class JsonFormatter(logging.Formatter):
             "time": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
             "actor": getattr(record, "actor", None),
             "request_id": getattr(record, "request_id", None),
         }
         if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
+            body["exception"] = redact(self.formatException(record.exc_info))
         if record.stack_info:
-            body["stack"] = self.formatStack(record.stack_info)
+            body["stack"] = redact(self.formatStack(record.stack_info))
         # default=str: a message argument is already rendered, but ``extra`` values may not be
         # JSON types; a log line must never raise.
         return json.dumps(body, default=str)

@@ -374,6 +374,10 @@ async def serve_subprocess(
         "LOG_LEVEL": "info",
         "LOG_FORMAT": "text",
         "MAX_OPEN_POSITIONS_PER_USER": "100000",
+        # One client address and few users drive thousands of requests a second: the rate
+        # limits (web/identity.py) would measure themselves, not the service.
+        "RATE_LIMIT_PER_USER": "0",
+        "RATE_LIMIT_PER_ADDRESS": "0",
         **(env or {}),
     }
     args = [sys.executable, "-m", module, "serve"]

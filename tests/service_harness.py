@@ -37,6 +37,10 @@ def service_settings(sim: Simulator, **changes: Any) -> Settings:
         ws_reconnect_max_ms=200,
         ws_heartbeat_timeout_ms=3000,
         shutdown_grace_ms=5000,
+        # These tests load positions through the API in bulk (cascades of 1000 from 16
+        # clients): the rate limits are off unless a test sets them (tests/test_identity.py).
+        rate_limit_per_user=0,
+        rate_limit_per_address=0,
     )
     return attrs.evolve(base, **changes)
 

@@ -91,6 +91,9 @@ async def tickguard_process(
         "WS_RECONNECT_BASE_MS": "20",
         "WS_RECONNECT_MAX_MS": "200",
         "SHUTDOWN_GRACE_MS": "5000",
+        # The scenarios load cascades through the API from one address (web/identity.py).
+        "RATE_LIMIT_PER_USER": "0",
+        "RATE_LIMIT_PER_ADDRESS": "0",
         **env,
     }
     with open(log, "ab") as out:  # noqa: ASYNC230 (a local file, once, before the spawn)

@@ -17,7 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from tickguard.config import Settings
-from tickguard.web import content_type, cors, errors, isolation, origin, request_ids
+from tickguard.web import content_type, cors, errors, identity, isolation, origin, request_ids
 from tickguard.web.dashboard import dashboard
 from tickguard.web.early_answer import EarlyAnswerClose
 from tickguard.web.json import WireJSONProvider
@@ -53,6 +53,8 @@ def create_app(services: AppServices) -> QuartTrio:
     app.extensions[SEQ_READER] = SeqReader(services.db)
     errors.install(app)
     cors.install(app, services.settings.cors_origins)
+    # After CORS: a preflight is answered before any token or rate-limit check.
+    identity.install(app, services.settings)
     content_type.install(app)  # after CORS: a preflight has no body to check
     origin.install(app, services.settings.cors_origins)
     app.register_blueprint(routes)

@@ -12,10 +12,11 @@ from datetime import datetime
 from typing import Any
 
 import attrs
-from quart import Blueprint, Response
+from quart import Blueprint, Response, current_app
 
-from tickguard.web import schemas
+from tickguard.web import identity, schemas
 from tickguard.web.json import json_response
+from tickguard.web.services import services_of
 
 openapi = Blueprint("openapi", __name__)
 
@@ -84,6 +85,27 @@ _BODY_ERRORS = {
     415: "Content-Type is not application/json (parameters such as charset allowed).",
 }
 _UNAVAILABLE = {503: "Database unavailable (or an actor did not answer); see Retry-After."}
+# Every /api route (web/identity.py): the per-address limit, and the per-user one on writes.
+_API = {429: "Rate limit reached (per client address; per user on writes); see Retry-After."}
+# Every /api route when AUTH_JWKS_URL is set.
+_AUTH = {
+    401: "No token, or a token that was refused (WWW-Authenticate says which).",
+    403: "userId names another user than the token's sub.",
+}
+_USER_ID_AUTH = (
+    "The acting user. With authentication (AUTH_JWKS_URL set) it may be omitted (it is the "
+    "token's sub) and must equal sub when given (403 otherwise); without, it is required and "
+    "trusted as sent."
+)
+# The name of the bearer scheme in components.securitySchemes.
+BEARER = "bearer"
+_BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "bearerFormat": "JWT",
+    "description": "An RS256 or ES256 JWT of the identity provider at AUTH_JWKS_URL; its sub "
+    "is the user. Required on /api/* when AUTH_JWKS_URL is set, not accepted otherwise.",
+}
 
 
 @attrs.frozen
@@ -202,7 +224,7 @@ ROUTES: tuple[RouteDoc, ...] = (
 )
 
 
-def _parameters(route: RouteDoc) -> list[dict[str, Any]]:
+def _parameters(route: RouteDoc, auth: bool) -> list[dict[str, Any]]:
     params: list[dict[str, Any]] = [
         {
             "name": name,
@@ -214,15 +236,18 @@ def _parameters(route: RouteDoc) -> list[dict[str, Any]]:
     ]
     if route.query is not None:
         for prop in schemas.properties(route.query):
+            user = prop.name == identity.USER_ID and _is_api(route.path)
             param: dict[str, Any] = {
                 "name": prop.name,
                 "in": "query",
-                "required": prop.required,
+                "required": prop.required and not (user and auth),
                 "schema": _not_null(prop.schema),
             }
             if prop.default is not None:
                 param["schema"]["default"] = prop.default
-            if prop.description:
+            if user:
+                param["description"] = _USER_ID_AUTH
+            elif prop.description:
                 param["description"] = prop.description
             params.append(param)
     for header in route.headers:
@@ -244,12 +269,28 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return dict(branches[0]) if len(branches) == 1 else dict(schema)
 
 
+def _is_api(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+def _body_schema(cls: type, auth: bool) -> dict[str, Any]:
+    """A request body's schema; its ``userId`` described for both modes, and optional when
+    authentication is on."""
+    schema = schemas.json_schema(cls)
+    if identity.USER_ID in schema["properties"]:
+        schema["properties"][identity.USER_ID]["description"] = _USER_ID_AUTH
+        if auth:
+            schema["required"] = [r for r in schema["required"] if r != identity.USER_ID]
+    return schema
+
+
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of ``ROUTES``."""
+def document(*, auth: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``ROUTES``; ``auth`` when ``AUTH_JWKS_URL`` is set (the
+    /api routes then require the bearer scheme and take ``userId`` as optional)."""
     paths: dict[str, dict[str, Any]] = {}
     components: dict[str, Any] = {"Position": POSITION, "Error": ERROR}
     for route in ROUTES:
@@ -260,20 +301,29 @@ def document() -> dict[str, Any]:
                 "content": {route.media_type: {"schema": body_schema}},
             }
         }
-        for code, text in {**route.errors, **_COMMON}.items():
+        api = _is_api(route.path)
+        errors = {**route.errors, **(_API if api else {}), **(_AUTH if api and auth else {})}
+        for code, text in {**errors, **_COMMON}.items():
             responses[str(code)] = {
                 "description": text,
                 **_json({"$ref": "#/components/schemas/Error"}),
             }
-            if code == 503:
+            if code in (429, 503):
                 responses[str(code)]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+            if code == 401:
+                responses[str(code)]["headers"] = {
+                    "WWW-Authenticate": {"schema": {"type": "string"}}
+                }
         operation: dict[str, Any] = {"summary": route.summary, "responses": responses}
-        params = _parameters(route)
+        if api:
+            # Without authentication the API takes no credentials (the empty requirement).
+            operation["security"] = [{BEARER: []}] if auth else [{}]
+        params = _parameters(route, auth)
         if params:
             operation["parameters"] = params
         if route.body is not None:
             name = route.body.__name__
-            components[name] = schemas.json_schema(route.body)
+            components[name] = _body_schema(route.body, auth)
             operation["requestBody"] = {
                 "required": True,
                 **_json({"$ref": f"#/components/schemas/{name}"}),
@@ -285,13 +335,22 @@ def document() -> dict[str, Any]:
             "title": "tickguard",
             "version": "0.1.0",
             "description": "Positions with take-profit/stop-loss, closed server-side. "
-            "userId is trusted as sent: bind to localhost until authentication lands.",
+            + (
+                "Authentication is on: /api/* takes a bearer token whose sub is the user."
+                if auth
+                else "Authentication is off (AUTH_JWKS_URL unset): userId is trusted as sent, "
+                "so the server listens on loopback unless ALLOW_UNAUTHENTICATED=true."
+            ),
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {BEARER: _BEARER_SCHEME},
+        },
     }
 
 
 @openapi.get("/openapi.json")
 async def openapi_json() -> Response:
-    return json_response(document())
+    settings = services_of(current_app).settings
+    return json_response(document(auth=settings.auth_jwks_url is not None))

@@ -30,6 +30,7 @@ from tickguard.actors.messages import (
 )
 from tickguard.storage import DatabaseUnavailable, IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
+from tickguard.web.identity import acting_user, with_token_user
 from tickguard.web.json import json_response
 from tickguard.web.schemas import (
     IDEMPOTENCY_KEY,
@@ -146,7 +147,8 @@ def _feed_state(services: AppServices, symbol: str) -> str | None:
 @routes.post("/api/positions")
 async def create_position() -> Response:
     services = _services()
-    body = structure(CreatePosition, await _json_body())
+    body = structure(CreatePosition, with_token_user(await _json_body()))
+    user = acting_user(body.user_id)
     raw_key = request.headers.get(IDEMPOTENCY_KEY.name)
     key: str | None = None if raw_key is None else parse_header(IDEMPOTENCY_KEY, raw_key)
     symbol: str = body.symbol
@@ -167,7 +169,7 @@ async def create_position() -> Response:
             raise ApiError(400, message, {"entryPrice": message})
         _check_bracket(body, entry)
     new = NewPosition(
-        user_id=body.user_id,
+        user_id=user,
         symbol=symbol,
         side=body.side,
         entry_price=entry,
@@ -197,9 +199,13 @@ async def create_position() -> Response:
 @routes.get("/api/positions")
 async def list_positions() -> Response:
     services = _services()
-    query = structure(ListPositionsQuery, request.args.to_dict())
+    query = structure(ListPositionsQuery, with_token_user(request.args.to_dict()))
     page, cursor = await reads.list_positions(
-        services.db, query.user_id, query.status, query.limit or LIST_BOUND, query.cursor
+        services.db,
+        acting_user(query.user_id),
+        query.status,
+        query.limit or LIST_BOUND,
+        query.cursor,
     )
     return _page(page, cursor)
 
@@ -207,9 +213,9 @@ async def list_positions() -> Response:
 @routes.get("/api/positions/closed")
 async def list_closed() -> Response:
     services = _services()
-    query = structure(ListClosedQuery, request.args.to_dict())
+    query = structure(ListClosedQuery, with_token_user(request.args.to_dict()))
     page, cursor = await reads.list_closed(
-        services.db, query.user_id, query.limit or LIST_BOUND, query.cursor
+        services.db, acting_user(query.user_id), query.limit or LIST_BOUND, query.cursor
     )
     return _page(page, cursor)
 
@@ -225,8 +231,8 @@ def _page(page: list[Any], cursor: str | None) -> Response:
 async def get_position(position_id: str) -> Response:
     services = _services()
     pid = _position_id(position_id)
-    query = structure(UserQuery, request.args.to_dict())
-    position = await reads.get_position(services.db, query.user_id, pid)
+    query = structure(UserQuery, with_token_user(request.args.to_dict()))
+    position = await reads.get_position(services.db, acting_user(query.user_id), pid)
     if position is None:
         raise ApiError(404, "Position not found.")
     return json_response({"data": position_to_json(position)})
@@ -244,12 +250,12 @@ async def close_position(position_id: str) -> Response:
     raw = await _json_body()
     body: ClosePosition | None = None
     try:
-        body = structure(ClosePosition, raw)
+        body = structure(ClosePosition, with_token_user(raw))
     except ValidationError as bad_body:
         details.update(bad_body.details)
     if details or body is None:
         raise ApiError(400, " ".join(details.values()), details)
-    order = CloseOrder(pid, body.close_price, body.reason, user_id=body.user_id)
+    order = CloseOrder(pid, body.close_price, body.reason, user_id=acting_user(body.user_id))
     results: tuple[CloseResult, ...] = await ask(
         services.persistence,
         lambda reply: CloseRequest(orders=(order,), source="api", reply=reply),

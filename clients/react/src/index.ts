@@ -25,6 +25,9 @@ export {
   type Position,
   type PositionSide,
   type PositionStatus,
+  type RequestOptions,
+  resolveToken,
+  type TokenSource,
 } from "./positionsApi";
 export { closedOf, compareNewestFirst, isNewer, mergePositions, openOf } from "./positionsState";
 export {

@@ -18,12 +18,21 @@ import {
   createPosition,
   listPositions,
   type Position,
+  type RequestOptions,
+  type TokenSource,
 } from "./positionsApi";
 import { closedOf, mergePositions, openOf } from "./positionsState";
 import { type ConnectionState, usePositionEvents } from "./usePositionEvents";
 
 export interface UseBackendPositionsOptions {
+  /** The user (with a token: the token's `sub`, which the server checks it against). */
   userId: string;
+  /**
+   * A bearer token, or a function giving the current one, for a server that authenticates:
+   * sent on every REST call (`Authorization: Bearer`) and WebSocket connect (`?token=`).
+   * Omitted: nothing is sent, as with the first client.
+   */
+  token?: TokenSource;
   /** Reconnect delays of the event channel (defaults: 1 s doubling to 30 s, full jitter). */
   backoff?: BackoffOptions;
   /** The WebSocket class to use (default: the global one). */
@@ -63,6 +72,14 @@ export function useBackendPositions(options: UseBackendPositionsOptions): Backen
   // The user id whose answers are still wanted: a response for a previous id is dropped.
   const currentUser = useRef(userId);
   currentUser.current = userId;
+  // Read at each call, so a new token (or provider) never reloads or reconnects by itself.
+  const tokenRef = useRef(options.token);
+  tokenRef.current = options.token;
+  const auth = useCallback(
+    (): RequestOptions | undefined =>
+      tokenRef.current ? { token: tokenRef.current } : undefined,
+    [],
+  );
 
   const absorb = useCallback((forUser: string, incoming: readonly Position[]) => {
     if (forUser !== currentUser.current) return;
@@ -77,7 +94,7 @@ export function useBackendPositions(options: UseBackendPositionsOptions): Backen
     const forUser = currentUser.current;
     if (!forUser) return;
     try {
-      const list = await listPositions(forUser);
+      const list = await listPositions(forUser, undefined, auth());
       absorb(forUser, list);
       if (forUser === currentUser.current) setError(null);
     } catch (failure) {
@@ -85,7 +102,7 @@ export function useBackendPositions(options: UseBackendPositionsOptions): Backen
     } finally {
       if (forUser === currentUser.current) setLoading(false);
     }
-  }, [absorb]);
+  }, [absorb, auth]);
 
   useEffect(() => {
     setState({ userId, positions: [] });
@@ -115,26 +132,27 @@ export function useBackendPositions(options: UseBackendPositionsOptions): Backen
     onGap,
     backoff: options.backoff,
     WebSocketImpl: options.WebSocketImpl,
+    token: options.token,
   });
 
   const create = useCallback(
     async (payload: Omit<CreatePositionPayload, "userId">) => {
       const forUser = currentUser.current;
-      const created = await createPosition({ ...payload, userId: forUser });
+      const created = await createPosition({ ...payload, userId: forUser }, auth());
       absorb(forUser, [created]);
       return created;
     },
-    [absorb],
+    [absorb, auth],
   );
 
   const close = useCallback(
     async (positionId: string, closePrice: number | string) => {
       const forUser = currentUser.current;
-      const closed = await closePosition(forUser, positionId, closePrice);
+      const closed = await closePosition(forUser, positionId, closePrice, auth());
       absorb(forUser, [closed]);
       return closed;
     },
-    [absorb],
+    [absorb, auth],
   );
 
   // A render between a user id change and the reset effect must not show the old user's list.

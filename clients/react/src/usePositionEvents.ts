@@ -17,7 +17,7 @@ import {
   type PositionCreatedEvent,
   parseServerMessage,
 } from "./events";
-import { backendWsUrl } from "./positionsApi";
+import { backendWsUrl, resolveToken, type TokenSource } from "./positionsApi";
 
 /** `idle`: no user id; `connecting`: first attempt; `reconnecting`: waiting or retrying after a close. */
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
@@ -47,6 +47,12 @@ export interface UsePositionEventsOptions {
   backoff?: BackoffOptions;
   /** The WebSocket class to use (default: the global one). */
   WebSocketImpl?: typeof WebSocket;
+  /**
+   * A bearer token (or a function giving the current one), sent as `?token=` on each connect
+   * when the server authenticates. With a token, a 1008 close (an expired token) reconnects
+   * with backoff and a fresh token; without one, 1008 (a rejected user id) stays closed.
+   */
+  token?: TokenSource;
 }
 
 export interface PositionEventsStatus {
@@ -115,9 +121,16 @@ export function usePositionEvents(options: UsePositionEventsOptions): PositionEv
       else callbacks.onCreated?.(message);
     };
 
-    const connect = () => {
+    const connect = async () => {
       retryTimer = undefined;
-      const current = new Socket(backendWsUrl(userId));
+      let token: string | null = null;
+      try {
+        token = await resolveToken(latest.current.token);
+      } catch {
+        token = null; // the provider failed: try without, the server's close says the rest
+      }
+      if (stopped) return;
+      const current = new Socket(backendWsUrl(userId, token));
       socket = current;
       current.onopen = () => {
         attempt = 0; // reset on open, as the earlier client did
@@ -127,21 +140,21 @@ export function usePositionEvents(options: UsePositionEventsOptions): PositionEv
       current.onclose = (event: CloseEvent) => {
         if (stopped || socket !== current) return;
         socket = null;
-        if (event.code === POLICY_VIOLATION) {
+        if (event.code === POLICY_VIOLATION && !latest.current.token) {
           report("closed");
           return;
         }
         const delay = reconnectDelay(attempt, latest.current.backoff);
         attempt += 1;
         report("reconnecting");
-        retryTimer = setTimeout(connect, delay);
+        retryTimer = setTimeout(() => void connect(), delay);
       };
       // An error is always followed by a close event, which schedules the retry.
       current.onerror = null;
     };
 
     setStatus({ state: "connecting", attempt: 0, lastSeq: null });
-    connect();
+    void connect();
     return () => {
       stopped = true;
       if (retryTimer !== undefined) clearTimeout(retryTimer);
