@@ -41,6 +41,7 @@ def service_settings(sim: Simulator, **changes: Any) -> Settings:
         # clients): the rate limits are off unless a test sets them (tests/test_identity.py).
         rate_limit_per_user=0,
         rate_limit_per_address=0,
+        ws_connects_per_address_per_min=0,
     )
     return attrs.evolve(base, **changes)
 

@@ -23,6 +23,7 @@ import httpx
 import jwt
 import pytest
 import trio
+import trio_websocket
 from cryptography.hazmat.primitives import serialization
 from jwks_server import SigningKey, jwks, serve_jwks
 from service_harness import Service, running_service, wait_until_live
@@ -493,3 +494,89 @@ async def test_a_fuzz_with_another_users_token_finds_no_cross_user_access(
     # A's positions are exactly as they were: status, close fields, update time; none added.
     assert after == before
     assert {p["id"] for p in listed.json()["data"]} == {p["id"] for p in mine}
+
+
+# --- /ws -----------------------------------------------------------------------------------------
+
+
+def ws_base(service: Service) -> str:
+    return service.base_url.replace("http://", "ws://", 1)
+
+
+async def ws_status(service: Service, query: str, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status a /ws handshake is refused with (0 if it was accepted)."""
+    try:
+        async with trio_websocket.open_websocket_url(
+            f"{ws_base(service)}/ws?{query}", extra_headers=list((headers or {}).items())
+        ) as ws:
+            # Read the greeting before closing: a client that closes at once can trip over
+            # trio-websocket's own answer to a ping (LocalProtocolError in its reader task).
+            assert json.loads(await ws.get_message())["type"] == "connection.ready"
+            return 0
+    except trio_websocket.HandshakeError as refused:
+        status: int = refused.status_code  # type: ignore[attr-defined]
+        return status
+
+
+async def test_ws_takes_the_token_from_the_query_or_the_subprotocol(db: Database) -> None:
+    with trio.fail_after(GUARD_S):
+        async with authed_service(db) as service:
+            # The app's client: ?token=, no userId; it receives its own events only.
+            async with trio_websocket.open_websocket_url(
+                f"{ws_base(service)}/ws?token={alice()}"
+            ) as ws:
+                ready = json.loads(await ws.get_message())
+                assert ready["type"] == "connection.ready"
+                assert (await create(service, bob())).status_code == 201
+                mine = await create(service, alice())
+                assert mine.status_code == 201
+                event = json.loads(await ws.get_message())
+                assert event["type"] == "position.created"
+                assert event["position"]["id"] == mine.json()["data"]["id"]
+            # A browser's other way: Sec-WebSocket-Protocol "bearer, <token>"; the server
+            # selects "bearer", or the browser would drop the connection.
+            async with trio_websocket.open_websocket_url(
+                f"{ws_base(service)}/ws", subprotocols=["bearer", bob()]
+            ) as ws:
+                assert ws.subprotocol == "bearer"
+                assert json.loads(await ws.get_message())["type"] == "connection.ready"
+
+
+async def test_ws_refuses_a_missing_or_bad_token_401_and_another_users_id_403(
+    db: Database,
+) -> None:
+    with trio.fail_after(GUARD_S):
+        async with authed_service(db) as service:
+            assert await ws_status(service, "userId=alice") == 401
+            for name, token in _bad_tokens().items():
+                assert await ws_status(service, f"token={token}") == 401, name
+            assert await ws_status(service, f"token={alice()}&userId=bob") == 403
+            assert await ws_status(service, f"token={alice()}&userId=alice") == 0
+            # A good token from another site's page is still a cross-site socket: 403.
+            foreign = {"Origin": "https://evil.example"}
+            assert await ws_status(service, f"token={alice()}", foreign) == 403
+
+
+async def test_ws_session_ends_with_1008_when_its_token_expires(db: Database) -> None:
+    with trio.fail_after(GUARD_S):
+        async with authed_service(db) as service:
+            short = RSA.sign(claims("alice", exp=int(time.time()) + 2))
+            async with trio_websocket.open_websocket_url(
+                f"{ws_base(service)}/ws?token={short}"
+            ) as ws:
+                assert json.loads(await ws.get_message())["type"] == "connection.ready"
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    while True:
+                        await ws.get_message()
+                assert closed.value.reason.code == 1008
+                assert closed.value.reason.reason == "token expired"
+
+
+async def test_ws_handshakes_are_limited_per_address(db: Database) -> None:
+    statuses: list[int] = []
+    with trio.fail_after(GUARD_S):
+        async with open_simulator({"BTC-USD": "65000"}, heartbeat_interval=0.2) as sim:
+            async with running_service(db, sim, ws_connects_per_address_per_min=3) as service:
+                for _ in range(5):
+                    statuses.append(await ws_status(service, "userId=alice"))
+    assert statuses == [0, 0, 0, 429, 429]

@@ -53,10 +53,11 @@ def create_app(services: AppServices) -> QuartTrio:
     app.extensions[SEQ_READER] = SeqReader(services.db)
     errors.install(app)
     cors.install(app, services.settings.cors_origins)
-    # After CORS: a preflight is answered before any token or rate-limit check.
-    identity.install(app, services.settings)
-    content_type.install(app)  # after CORS: a preflight has no body to check
+    # After CORS: a preflight is answered before any check. A /ws handshake from another
+    # site is refused (origin) before its token is looked at (identity).
     origin.install(app, services.settings.cors_origins)
+    identity.install(app, services.settings)
+    content_type.install(app)  # a preflight has no body to check
     app.register_blueprint(routes)
     app.register_blueprint(ws)
     app.register_blueprint(openapi)

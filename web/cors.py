@@ -10,9 +10,9 @@ from __future__ import annotations
 from quart import Response, request
 from quart_trio import QuartTrio
 
-ALLOWED_METHODS = "GET, POST, OPTIONS"
-ALLOWED_HEADERS = "Content-Type, Idempotency-Key, X-Request-Id"
-EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed, X-Request-Id, X-Feed-Status"
+ALLOWED_METHODS = "GET, POST, PATCH, OPTIONS"
+ALLOWED_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
+EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed, X-Request-Id, X-Feed-Status, WWW-Authenticate"
 PREFLIGHT_MAX_AGE = "600"
 
 

@@ -28,11 +28,12 @@ from typing import Any
 
 import attrs
 from flask.sansio.app import App
-from quart import current_app, g, request
+from quart import current_app, g, request, websocket
 from quart_trio import QuartTrio
 
 from tickguard.config import Settings
 from tickguard.web.auth import (
+    WS_BEARER_PROTOCOL,
     WWW_AUTHENTICATE,
     WWW_AUTHENTICATE_INVALID,
     Identity,
@@ -65,6 +66,7 @@ class Gate:
     config: VerifierConfig | None
     per_user: RateLimit
     per_address: RateLimit
+    ws_connects: RateLimit
     verifier: TokenVerifier | None = None
 
     @property
@@ -85,6 +87,7 @@ def install(app: QuartTrio, settings: Settings) -> None:
         config=VerifierConfig.from_settings(settings),
         per_user=RateLimit.per_second(settings.rate_limit_per_user),
         per_address=RateLimit.per_second(settings.rate_limit_per_address),
+        ws_connects=RateLimit.per_minute(settings.ws_connects_per_address_per_min),
     )
     app.extensions[EXTENSION] = gate
     resources = AsyncExitStack()
@@ -100,6 +103,7 @@ def install(app: QuartTrio, settings: Settings) -> None:
         await resources.aclose()
 
     app.before_request(_check_request)
+    app.before_websocket(_check_websocket)
 
 
 def _is_api(path: str) -> bool:
@@ -137,6 +141,45 @@ async def _check_request() -> None:
         raise ApiError(
             401, BAD_TOKEN, headers={"WWW-Authenticate": WWW_AUTHENTICATE_INVALID}
         ) from None
+
+
+async def _check_websocket() -> None:
+    """Rate-limit and authenticate a ``/ws`` handshake before the upgrade (429, 401, 403 are
+    plain HTTP answers): the token comes from ``?token=`` (the app's client) or
+    ``Sec-WebSocket-Protocol: bearer, <token>``; a ``userId`` it names must be ``sub``."""
+    gate = gate_of(current_app)
+    address = address_key(websocket.remote_addr or "")
+    refusal = gate.ws_connects.take(address)
+    if refusal is not None:
+        raise _too_many(refusal)
+    if not gate.authenticating:
+        return
+    if gate.verifier is None:
+        raise ApiError(401, BAD_TOKEN, headers={"WWW-Authenticate": WWW_AUTHENTICATE_INVALID})
+    try:
+        token = bearer_token(
+            websocket_protocols=websocket.headers.get("Sec-WebSocket-Protocol"),
+            query_token=websocket.args.get("token"),
+        )
+        if token is None:
+            raise ApiError(401, NO_TOKEN, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
+        identity = await gate.verifier.verify(token)
+    except InvalidToken as refused:
+        log.info("token refused from %s: %s", address, refused)
+        raise ApiError(
+            401, BAD_TOKEN, headers={"WWW-Authenticate": WWW_AUTHENTICATE_INVALID}
+        ) from None
+    claimed = websocket.args.get(USER_ID)
+    if claimed not in (None, "") and claimed != identity.sub:
+        raise ApiError(403, NOT_YOURS)
+    g.identity = identity
+
+
+def offered_bearer_protocol() -> bool:
+    """Whether the handshake carried its token as ``Sec-WebSocket-Protocol: bearer, <token>``:
+    the accept must then select ``bearer``, or a browser drops the connection."""
+    offered = websocket.headers.get("Sec-WebSocket-Protocol") or ""
+    return offered.split(",")[0].strip().lower() == WS_BEARER_PROTOCOL
 
 
 def current_identity() -> Identity | None:

@@ -16,6 +16,7 @@ give the starting seq.
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 from quart import Blueprint, Response, current_app, websocket
@@ -24,7 +25,9 @@ from quart_trio import QuartTrio
 from tickguard.actors.messages import Join, Leave
 from tickguard.actors.session_queue import SessionClosed, SessionQueue
 from tickguard.storage import DatabaseUnavailable
+from tickguard.web.auth import WS_BEARER_PROTOCOL
 from tickguard.web.errors import ApiError
+from tickguard.web.identity import current_identity, offered_bearer_protocol
 from tickguard.web.schemas import FieldError, parse_user_id
 from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import WsStats, services_of
@@ -94,13 +97,17 @@ async def events() -> None:
     services = services_of(current_app)
     live = live_sessions(current_app)  # type: ignore[arg-type]
     stats = services.ws_stats
-    await websocket.accept()
-    try:
-        user_id = parse_user_id("userId", websocket.args.get("userId"))
-    except FieldError:
-        stats.rejected += 1
-        await websocket.close(POLICY_VIOLATION, "userId query param is required")
-        return
+    identity = current_identity()  # set by the handshake check when authentication is on
+    await websocket.accept(subprotocol=WS_BEARER_PROTOCOL if offered_bearer_protocol() else None)
+    if identity is not None:
+        user_id = identity.sub
+    else:
+        try:
+            user_id = parse_user_id("userId", websocket.args.get("userId"))
+        except FieldError:
+            stats.rejected += 1
+            await websocket.close(POLICY_VIOLATION, "userId query param is required")
+            return
     if live.closing:
         await websocket.close(GOING_AWAY, "server shutting down")
         return
@@ -125,6 +132,8 @@ async def events() -> None:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_listen, session, services.ws_stats)
+            if identity is not None:
+                nursery.start_soon(_expire, session, identity.exp)
             await _forward(session)
             nursery.cancel_scope.cancel()
     finally:
@@ -135,6 +144,13 @@ async def events() -> None:
             services.fanout.send_nowait(Leave(session))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # fanout also drops closed sessions by itself on their next event
+
+
+async def _expire(session: SessionQueue, exp: float) -> None:
+    """End the session with 1008 when its token expires (``exp``, Unix seconds): a session
+    lives no longer than the credential that opened it; the client reconnects with a new one."""
+    await trio.sleep(max(0.0, exp - time.time()))
+    session.close(POLICY_VIOLATION, "token expired")
 
 
 async def _forward(session: SessionQueue) -> None:
