@@ -277,7 +277,9 @@ async def test_the_protocol_error_is_reported_while_the_server_keeps_misbehaving
             status,
             _,
         ):
-            await eventually(lambda: status.protocol_errors >= 3, GUARD_S)
+            await eventually(
+                lambda: status.protocol_errors >= 3 and len(status.backoffs) >= 3, GUARD_S
+            )
             assert status.last_error is not None and "1002" in status.last_error
             assert "PROTOCOL_ERROR" in status.last_error
             # Each connection delivered data, yet the backoff keeps growing: not healthy.
