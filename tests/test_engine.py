@@ -26,6 +26,7 @@ from tickguard.actors import engine
 from tickguard.actors.engine import EngineConfig, EngineStats
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox
 from tickguard.actors.messages import (
+    AdvanceWatermark,
     CloseOrder,
     CloseOutcome,
     CloseRequest,
@@ -33,6 +34,7 @@ from tickguard.actors.messages import (
     Position,
     Track,
     Untrack,
+    Watermark,
 )
 from tickguard.actors.window import WindowSlot
 
@@ -72,6 +74,7 @@ class Persistence:
         self.errors: list[BaseException] = []  # answer whole requests with these, in turn
         self.silent = 0  # how many requests to take and never answer
         self._seen_send, self.seen = trio.open_memory_channel[tuple[float, CloseRequest]](math.inf)
+        self.marks: list[Watermark] = []  # watermarks advanced on their own (issue 14)
 
     async def load_open(self, symbol: str) -> AsyncIterator[list[Position]]:
         self.load_calls.append(symbol)
@@ -83,6 +86,9 @@ class Persistence:
     async def serve(self) -> None:
         while True:
             request = await self.mailbox.receive()
+            if isinstance(request, AdvanceWatermark):
+                self.marks.append(request.mark)
+                continue
             self._seen_send.send_nowait((trio.current_time(), request))
             if self.silent:
                 self.silent -= 1
