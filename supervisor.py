@@ -11,6 +11,7 @@ Reading this file should explain the program. Inside one ``trio.run``:
         persistence   the only writer; commits, then publishes to fanout, then Track/Untrack
         fanout        WebSocket sessions and their bounded queues
         feed          one Coinbase connection; merges tickers into each symbol's WindowSlot
+        recovery      fetches the trades a gap hid (REST) into the slot, before later windows
         products      Coinbase's product list (REST), re-read hourly; web checks symbols on it
         engines       a nested supervisor: one engine per symbol, started on demand
         web           hypercorn serving the quart-trio app (REST + /ws)
@@ -37,11 +38,18 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from tickguard.actors import engine, fanout, feed, persistence, products
+from tickguard.actors import engine, fanout, feed, persistence, products, recovery
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FanoutMessage, PersistenceRequest, Track, Untrack, Watch
+from tickguard.actors.messages import (
+    FanoutMessage,
+    PersistenceRequest,
+    RecoverGap,
+    Track,
+    Untrack,
+    Watch,
+)
 from tickguard.actors.supervision import (
     ChildSpec,
     RestartPolicy,
@@ -50,7 +58,7 @@ from tickguard.actors.supervision import (
 )
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, loading, runtime
+from tickguard.storage import Database, loading, runtime, watermarks
 from tickguard.storage.embedded import EmbeddedPostgres, watch_server
 from tickguard.storage.outage import quiet_outages
 
@@ -148,6 +156,7 @@ class Tree:
     app: Any
     urls: list[str]  # where web listens, once it started (port 0 picks a free port)
     catalog: products.ProductCatalog = attrs.field(factory=products.ProductCatalog)
+    recovery_stats: recovery.RecoveryStats = attrs.field(factory=recovery.RecoveryStats)
 
 
 def feed_config(settings: Settings) -> feed.FeedConfig:
@@ -184,7 +193,18 @@ def build_tree(
     # The actors write these counters and /metrics reads them; they outlive actor restarts.
     persistence_stats = persistence.PersistenceStats()
     fanout_config = fanout_config or fanout.FanoutConfig()
-    engines = EngineDirectory(db, slots, persistence_box, feed_box, faults=faults)
+    recovery_box: Mailbox[RecoverGap] = Mailbox("recovery")
+    recovery_stats = recovery.RecoveryStats()
+    engines = EngineDirectory(
+        db,
+        slots,
+        persistence_box,
+        feed_box,
+        engine_config=engine.EngineConfig(
+            gap_fill="trade" if settings.gap_fill == "trade" else "level"
+        ),
+        faults=faults,
+    )
     app = create_app(
         AppServices(
             settings=settings,
@@ -227,9 +247,27 @@ def build_tree(
         ChildSpec(
             "feed",
             functools.partial(
-                feed.run, feed_config(settings), slots, feed_box, feed_status, faults=faults
+                feed.run,
+                feed_config(settings),
+                slots,
+                feed_box,
+                feed_status,
+                faults=faults,
+                recoveries=recovery_box,
             ),
             mailboxes=(feed_box,),
+        ),
+        ChildSpec(
+            "recovery",
+            functools.partial(
+                recovery.run,
+                recovery.RecoveryConfig(settings.coinbase_rest_url),
+                recovery_box,
+                slots,
+                functools.partial(watermarks.read, db),
+                stats=recovery_stats,
+            ),
+            mailboxes=(recovery_box,),
         ),
         ChildSpec(
             "products",
@@ -248,7 +286,17 @@ def build_tree(
         ),
     ]
     supervisor = Supervisor(
-        children, policy, stop_order=["web", "feed", "engines", "persistence", "fanout", "products"]
+        children,
+        policy,
+        stop_order=[
+            "web",
+            "feed",
+            "recovery",
+            "engines",
+            "persistence",
+            "fanout",
+            "products",
+        ],
     )
     return Tree(
         settings,
@@ -263,6 +311,7 @@ def build_tree(
         app,
         urls,
         catalog,
+        recovery_stats,
     )
 
 
