@@ -189,3 +189,17 @@ async def test_the_recovered_flag_is_in_the_stored_event_text(db: Database) -> N
             )
             keys = list(json.loads(row["message"]))
             assert keys[:4] == ["type", "source", "seq", "recovered"]
+
+
+async def test_gap_fill_trade_closes_at_the_recovered_trade_price(db: Database) -> None:
+    async with open_simulator({PRODUCT: "65000"}, heartbeat_interval=0.2) as sim:
+        async with running_service(db, sim, gap_fill="trade") as service:
+            await wait_until_live(service)
+            crossed = await service.create(stopLoss="64990", takeProfit="66000")
+            await judged_with_watermark(db, service, sim)
+            await hide_trades(sim, "64995", "64950", "64900", "65010")
+            position = await until_closed(service, "alice", crossed["id"])
+            # The first trade beyond the level, not the lowest one nor the level.
+            assert Decimal(str(position["closePrice"])) == Decimal("64950")
+            assert position["triggeredAt"] == iso(trade_time(sim, "64950"))
+            assert len(await closed_events(db, crossed["id"])) == 1
