@@ -9,18 +9,23 @@ The real tree on the test database, the simulator as Coinbase over real sockets:
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
+from fault_helpers import long_with_stop, until
 from service_harness import Service, running_service, wait_until_live
 from sim_fixtures import eventually
+from test_faults_process import own_database, tickguard_process  # noqa: F401 (a fixture)
 
 from tickguard.sim import Simulator, open_simulator
 from tickguard.sim.rest_faults import RestFault
-from tickguard.storage import Database, watermarks
+from tickguard.storage import Database, open_database, watermarks
 from tickguard.wire import loads
 
 PRODUCT = "BTC-USD"
@@ -203,3 +208,50 @@ async def test_gap_fill_trade_closes_at_the_recovered_trade_price(db: Database) 
             assert Decimal(str(position["closePrice"])) == Decimal("64950")
             assert position["triggeredAt"] == iso(trade_time(sim, "64950"))
             assert len(await closed_events(db, crossed["id"])) == 1
+
+
+async def test_a_stop_crossed_while_killed_9_closes_after_the_restart(
+    own_database: str,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    """A real ``tickguard serve`` process, killed with -9: the price crosses the stop and comes
+    back while it is dead; the restarted process finds the crossing trade over REST."""
+    async with (
+        open_simulator({PRODUCT: "65000"}, heartbeat_interval=0.2) as sim,
+        open_database(own_database) as db,
+    ):
+        async with tickguard_process(own_database, sim, tmp_path / "first.log") as first:
+            async with httpx.AsyncClient(base_url=first.base_url, timeout=10) as http:
+                response = await http.post("/api/positions", json=long_with_stop("alice", "64990"))
+                assert response.status_code == 201, response.text
+                position_id = response.json()["data"]["id"]
+            trade_id = sim.publish(PRODUCT, "65000")
+
+            async def watermark_reached() -> bool:
+                mark = await watermarks.read(db, PRODUCT)
+                return mark is not None and mark.trade_id >= trade_id
+
+            await until(watermark_reached)
+            first.process.send_signal(signal.SIGKILL)
+            with trio.fail_after(10):
+                await first.process.wait()
+        sim.skip_trade_ids(PRODUCT, 2, prices=[Decimal("64950"), Decimal("65010")])
+        crossing = trade_time(sim, "64950")
+        async with tickguard_process(own_database, sim, tmp_path / "restart.log") as again:
+
+            async def closed() -> bool:
+                status = await db.fetchval(
+                    "SELECT status FROM positions WHERE id = $1", uuid.UUID(position_id)
+                )
+                return bool(status == "closed")
+
+            await until(closed)
+            async with httpx.AsyncClient(base_url=again.base_url, timeout=10) as http:
+                response = await http.get(
+                    f"/api/positions/{position_id}", params={"userId": "alice"}
+                )
+            position = loads(response.content)["data"]
+            assert Decimal(str(position["closePrice"])) == Decimal("64990")
+            assert position["triggeredAt"] == iso(crossing)
+            events = await closed_events(db, position_id)
+            assert len(events) == 1 and events[0]["recovered"] is True
