@@ -17,11 +17,11 @@ Reading this file should explain the program. Inside one ``trio.run``:
         web           hypercorn serving the quart-trio app (REST + /ws)
 
 Start order is the list above; on SIGINT/SIGTERM the stop order is web (stop accepting),
-feed, engines (hand over what they triggered), persistence (drain, bounded by
-SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products, then the pool, then
-PostgreSQL. A signal during start-up (e.g. while waiting for the database) stops it at once,
-exit 0. The supervisor owns every mailbox and window slot, so a restarted actor finds the same
-inbox and nobody else learns of the restart.
+feed, recovery (releasing any hold), engines (hand over what they triggered), persistence
+(drain, bounded by SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products, then the
+pool, then PostgreSQL. A signal during start-up (e.g. while waiting for the database) stops it
+at once, exit 0. The supervisor owns every mailbox and window slot, so a restarted actor finds
+the same inbox and nobody else learns of the restart.
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def build_tree(
             feed_status=feed_status,
             catalog=catalog,
             slots=slots,
-            metrics=MetricsSources(engines.stats, persistence_stats, fanout_config.stats),
+            metrics=MetricsSources(
+                engines.stats, persistence_stats, fanout_config.stats, recovery_stats
+            ),
         )
     )
     grace_s = settings.shutdown_grace_ms / 1000

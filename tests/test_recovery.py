@@ -104,6 +104,9 @@ async def test_a_stop_crossed_while_disconnected_closes_after_the_reconnect(db: 
             crossing = trade_time(sim, "64950")
             await assert_closed_once_recovered(db, service, crossed["id"], "64990", crossing)
             assert service.tree.recovery_stats.trades == 2  # 64995, 64950 (65010 is live)
+            metrics = (await service.http.get("/metrics")).text
+            assert "tickguard_recovery_trades_total 2.0" in metrics
+            assert 'tickguard_recovery_gaps_total{outcome="abandoned"} 0.0' in metrics
             # Live ticks are judged again after the recovery, in order.
             take = await service.create(stopLoss="64000", takeProfit="65500")
             sim.publish(PRODUCT, "65600")
