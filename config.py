@@ -47,10 +47,13 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "RATE_LIMIT_PER_USER",
     "RATE_LIMIT_PER_ADDRESS",
     "WS_CONNECTS_PER_ADDRESS_PER_MIN",
+    "GAP_FILL",
 )
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
+# A stop crossed during a gap closes at its level, or at the first recovered trade beyond it.
+GAP_FILLS: tuple[str, ...] = ("level", "trade")
 
 # A millisecond setting beyond a day is a typo (seconds written as ms twice, an extra zero...).
 _MAX_MS = 86_400_000
@@ -122,6 +125,8 @@ class Settings:
     rate_limit_per_user: int = 20
     rate_limit_per_address: int = 100
     ws_connects_per_address_per_min: int = 120
+    # Market-data recovery (issue 14).
+    gap_fill: str = "level"
 
     def describe_database(self) -> str:
         """Where the data lives, safe to log: the URL without its password, or the embedded
@@ -203,6 +208,7 @@ class _Reader:
             ),
             log_level=self._get("LOG_LEVEL", defaults.log_level, _choice(LOG_LEVELS)),
             log_format=self._get("LOG_FORMAT", defaults.log_format, _choice(LOG_FORMATS)),
+            gap_fill=self._get("GAP_FILL", defaults.gap_fill, _choice(GAP_FILLS)),
         )
         settings = self._with_identity(settings, defaults)
         if base > most:

@@ -62,7 +62,8 @@ class CloseOrder:
     """Close one position at ``price`` for ``reason``.
 
     ``user_id`` restricts the close to that user's position (manual closes); engines leave it
-    None. ``triggered_at`` is the Coinbase trade time that triggered an automatic close.
+    None. ``triggered_at`` is the Coinbase trade time that triggered an automatic close;
+    ``recovered`` marks a close judged from trades fetched over REST after a gap (issue 14).
     """
 
     position_id: uuid.UUID
@@ -70,6 +71,17 @@ class CloseOrder:
     reason: CloseReason
     user_id: str | None = None
     triggered_at: datetime | None = None
+    recovered: bool = False
+
+
+@attrs.frozen
+class Watermark:
+    """The last Coinbase trade of ``symbol`` whose window was judged and whose resulting
+    closes committed (issue 14): gap recovery fetches the trades after it."""
+
+    symbol: str
+    trade_id: int
+    time: datetime
 
 
 class CloseOutcome(enum.Enum):

@@ -11,16 +11,17 @@ Reading this file should explain the program. Inside one ``trio.run``:
         persistence   the only writer; commits, then publishes to fanout, then Track/Untrack
         fanout        WebSocket sessions and their bounded queues
         feed          one Coinbase connection; merges tickers into each symbol's WindowSlot
+        recovery      fetches the trades a gap hid (REST) into the slot, before later windows
         products      Coinbase's product list (REST), re-read hourly; web checks symbols on it
         engines       a nested supervisor (actors/engines.py): one engine per symbol, on demand
         web           hypercorn serving the quart-trio app (REST + /ws)
 
 Start order is the list above; on SIGINT/SIGTERM the stop order is web (stop accepting),
-feed, engines (hand over what they triggered), persistence (drain, bounded by
-SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products, then the pool, then
-PostgreSQL. A signal during start-up (e.g. while waiting for the database) stops it at once,
-exit 0. The supervisor owns every mailbox and window slot, so a restarted actor finds the same
-inbox and nobody else learns of the restart.
+feed, recovery (releasing any hold), engines (hand over what they triggered), persistence
+(drain, bounded by SHUTDOWN_GRACE_MS), fanout (close sessions with 1001), products, then the
+pool, then PostgreSQL. A signal during start-up (e.g. while waiting for the database) stops it
+at once, exit 0. The supervisor owns every mailbox and window slot, so a restarted actor finds
+the same inbox and nobody else learns of the restart.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from tickguard.actors import fanout, feed, persistence, products
+from tickguard.actors import engine, fanout, feed, persistence, products, recovery
 from tickguard.actors.engines import EngineDirectory
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FanoutMessage, FeedCommand, PersistenceRequest
+from tickguard.actors.messages import FanoutMessage, FeedCommand, PersistenceRequest, RecoverGap
 from tickguard.actors.supervision import (
     ChildSpec,
     RestartPolicy,
@@ -50,7 +51,7 @@ from tickguard.actors.supervision import (
 )
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, runtime
+from tickguard.storage import Database, runtime, watermarks
 from tickguard.storage.embedded import EmbeddedPostgres, watch_server
 from tickguard.storage.outage import quiet_outages
 
@@ -75,6 +76,7 @@ class Tree:
     app: Any
     urls: list[str]  # where web listens, once it started (port 0 picks a free port)
     catalog: products.ProductCatalog = attrs.field(factory=products.ProductCatalog)
+    recovery_stats: recovery.RecoveryStats = attrs.field(factory=recovery.RecoveryStats)
 
 
 def feed_config(settings: Settings) -> feed.FeedConfig:
@@ -111,7 +113,18 @@ def build_tree(
     # The actors write these counters and /metrics reads them; they outlive actor restarts.
     persistence_stats = persistence.PersistenceStats()
     fanout_config = fanout_config or fanout.FanoutConfig()
-    engines = EngineDirectory(db, slots, persistence_box, feed_box, faults=faults)
+    recovery_box: Mailbox[RecoverGap] = Mailbox("recovery")
+    recovery_stats = recovery.RecoveryStats()
+    engines = EngineDirectory(
+        db,
+        slots,
+        persistence_box,
+        feed_box,
+        engine_config=engine.EngineConfig(
+            gap_fill="trade" if settings.gap_fill == "trade" else "level"
+        ),
+        faults=faults,
+    )
     app = create_app(
         AppServices(
             settings=settings,
@@ -122,7 +135,9 @@ def build_tree(
             feed_status=feed_status,
             catalog=catalog,
             slots=slots,
-            metrics=MetricsSources(engines.stats, persistence_stats, fanout_config.stats),
+            metrics=MetricsSources(
+                engines.stats, persistence_stats, fanout_config.stats, recovery_stats
+            ),
         )
     )
     grace_s = settings.shutdown_grace_ms / 1000
@@ -154,9 +169,27 @@ def build_tree(
         ChildSpec(
             "feed",
             functools.partial(
-                feed.run, feed_config(settings), slots, feed_box, feed_status, faults=faults
+                feed.run,
+                feed_config(settings),
+                slots,
+                feed_box,
+                feed_status,
+                faults=faults,
+                recoveries=recovery_box,
             ),
             mailboxes=(feed_box,),
+        ),
+        ChildSpec(
+            "recovery",
+            functools.partial(
+                recovery.run,
+                recovery.RecoveryConfig(settings.coinbase_rest_url),
+                recovery_box,
+                slots,
+                functools.partial(watermarks.read, db),
+                stats=recovery_stats,
+            ),
+            mailboxes=(recovery_box,),
         ),
         ChildSpec(
             "products",
@@ -175,7 +208,17 @@ def build_tree(
         ),
     ]
     supervisor = Supervisor(
-        children, policy, stop_order=["web", "feed", "engines", "persistence", "fanout", "products"]
+        children,
+        policy,
+        stop_order=[
+            "web",
+            "feed",
+            "recovery",
+            "engines",
+            "persistence",
+            "fanout",
+            "products",
+        ],
     )
     return Tree(
         settings,
@@ -190,6 +233,7 @@ def build_tree(
         app,
         urls,
         catalog,
+        recovery_stats,
     )
 
 

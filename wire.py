@@ -77,9 +77,18 @@ def position_to_json(p: Position) -> dict[str, Any]:
     }
 
 
-def event_message(type_: EventType, source: EventSource, seq: int, position: Position) -> str:
-    """The WebSocket text of one committed event (what the outbox stores and fanout sends)."""
-    body = {"type": type_, "source": source, "seq": seq, "position": position_to_json(position)}
+def event_message(
+    type_: EventType, source: EventSource, seq: int, position: Position, *, recovered: bool = False
+) -> str:
+    """The WebSocket text of one committed event (what the outbox stores and fanout sends).
+
+    ``recovered`` (a close judged from trades fetched after a gap, issue 14) adds
+    ``"recovered": true`` next to ``"source"``; other events keep the compatible core's shape.
+    """
+    body: dict[str, Any] = {"type": type_, "source": source, "seq": seq}
+    if recovered:
+        body["recovered"] = True
+    body["position"] = position_to_json(position)
     return _encoder.encode(body).decode()
 
 

@@ -19,6 +19,7 @@ again; a price that came back inside the bracket meanwhile does not close it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -26,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -36,6 +37,7 @@ from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox, ask
 from tickguard.actors.messages import (
+    AdvanceWatermark,
     CloseOrder,
     CloseOutcome,
     CloseRequest,
@@ -47,6 +49,7 @@ from tickguard.actors.messages import (
     Untrack,
     Unwatch,
     Watch,
+    Watermark,
 )
 from tickguard.actors.triggers import Load, Trigger, TriggerIndex
 from tickguard.actors.window import TickWindow, WindowSlot
@@ -65,6 +68,10 @@ class EngineConfig:
     retry_base_s: float = 0.5  # first retry delay of a failed close; doubles per attempt
     retry_max_s: float = 30.0  # cap of the retry delay; failed closes are retried forever
     load_timeout_s: float = 30.0  # load_open at start; past it the engine fails (and restarts)
+    # A watermark whose windows triggered nothing is written at most this often (issue 14).
+    watermark_interval_s: float = 1.0
+    # Close price of a recovered trigger: the level, or the recovered trade's price.
+    gap_fill: Literal["level", "trade"] = "level"
 
 
 @attrs.define
@@ -82,6 +89,8 @@ class EngineStats:
     closes_lost_race: int = 0  # ALREADY_CLOSED or NOT_FOUND: someone else closed it first
     close_failures: int = 0  # orders answered FAILED, or in a request that failed as a whole
     handed_over: int = 0  # orders sent fire-and-forget when the engine stopped
+    recovered_windows: int = 0  # windows of trades fetched after a gap (issue 14)
+    recovered_closes: int = 0  # triggers judged from them
     last_window_latency_s: float | None = None  # time spent judging the last window
     last_window_time: datetime | None = None  # its last trade time
 
@@ -113,7 +122,7 @@ async def run(
     """
     stats = stats if stats is not None else EngineStats()
     closer = _Closer(symbol, persistence, config, stats, faults)
-    engine = _Engine(symbol, TriggerIndex(), closer, stats)
+    engine = _Engine(symbol, TriggerIndex(), closer, stats, config.gap_fill)
     load = Load()
     with trio.fail_after(config.load_timeout_s), _collector_paused():
         # The index keeps only what the rule reads; each page's full rows go before the next,
@@ -137,6 +146,7 @@ async def run(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(closer.run)
+        nursery.start_soon(closer.advance_watermarks)
         nursery.start_soon(_take_windows, slot, engine)
         nursery.start_soon(_follow_inbox, inbox, slot, engine, feed)
         task_status.started()
@@ -181,7 +191,13 @@ async def _follow_inbox(
             # judge it against the positions that were already there, then insert.
             while (pending := slot.take_nowait()) is not None:
                 engine.judge(pending)
-            engine.watch(message.position)
+            # A gap recovery still running holds windows of older prices back: the position
+            # joins the index once they (and everything queued before it) are judged.
+            position = message.position
+            if slot.then(functools.partial(engine.watch_deferred, position.id)):
+                engine.defer(position)
+            else:
+                engine.watch(position)
         elif isinstance(message, Untrack):
             engine.unwatch(message.position_id)
         else:
@@ -193,11 +209,30 @@ async def _follow_inbox(
 class _Engine:
     """The engine's state between awaits: the index and what it hands to the closer."""
 
-    def __init__(self, symbol: str, index: TriggerIndex, closer: _Closer, stats: EngineStats):
+    def __init__(
+        self,
+        symbol: str,
+        index: TriggerIndex,
+        closer: _Closer,
+        stats: EngineStats,
+        gap_fill: Literal["level", "trade"] = "level",
+    ):
         self.symbol = symbol
         self._index = index
         self._closer = closer
         self._stats = stats
+        self._gap_fill = gap_fill
+        # Tracked while a recovery held older windows back: watched once those are judged.
+        self._deferred: dict[uuid.UUID, Position] = {}
+
+    def defer(self, position: Position) -> None:
+        """Watch ``position`` later (``watch_deferred``), unless it is untracked first."""
+        self._deferred[position.id] = position
+
+    def watch_deferred(self, position_id: uuid.UUID) -> None:
+        position = self._deferred.pop(position_id, None)
+        if position is not None:
+            self.watch(position)
 
     def watch(self, position: Position) -> None:
         """Insert (or refresh) an open position of this symbol; anything else is ignored."""
@@ -231,11 +266,12 @@ class _Engine:
 
     def idle(self) -> bool:
         """Nothing watched (a close still outstanding needs no more prices)."""
-        return len(self._index) == 0
+        return len(self._index) == 0 and not self._deferred
 
     def unwatch(self, position_id: uuid.UUID) -> None:
         """The position closed by some path: stop watching it and drop any retry of its close."""
         self._index.remove(position_id)
+        self._deferred.pop(position_id, None)
         self._closer.forget(position_id)
         self._stats.positions_open = len(self._index)
 
@@ -244,8 +280,13 @@ class _Engine:
         started = time.perf_counter()
         triggers = self._index.judge(window, created_before=created_before)
         if triggers:
-            self._closer.submit(_orders(triggers, window.last_time))
+            self._closer.submit(_orders(triggers, window, self._gap_fill))
+        # Everything up to this trade is judged; what it triggered is now the closer's.
+        self._closer.judged = Watermark(self.symbol, window.last_trade_id, window.last_time)
         stats = self._stats
+        if window.recovered:
+            stats.recovered_windows += 1
+            stats.recovered_closes += len(triggers)
         stats.windows_judged += 1
         stats.ticks_judged += window.count
         stats.stop_losses += sum(1 for t in triggers if t.reason == "stop_loss")
@@ -255,9 +296,20 @@ class _Engine:
         stats.last_window_latency_s = time.perf_counter() - started
 
 
-def _orders(triggers: Iterable[Trigger], triggered_at: datetime) -> list[CloseOrder]:
+def _orders(
+    triggers: Iterable[Trigger], window: TickWindow, gap_fill: Literal["level", "trade"]
+) -> list[CloseOrder]:
+    """The closes of one window's triggers, at the level; a recovered window (one trade) with
+    ``gap_fill="trade"`` closes at that trade's price, the first beyond the level."""
+    at_trade = window.recovered and gap_fill == "trade"
     return [
-        CloseOrder(t.position_id, price=t.price, reason=t.reason, triggered_at=triggered_at)
+        CloseOrder(
+            t.position_id,
+            price=window.last if at_trade else t.price,
+            reason=t.reason,
+            triggered_at=window.last_time,
+            recovered=window.recovered,
+        )
         for t in triggers
     ]
 
@@ -289,6 +341,8 @@ class _Closer:
         self._attempts: dict[uuid.UUID, int] = {}
         self._wake = trio.Event()
         self._handed_over = False
+        self.judged: Watermark | None = None  # the last window judged (set by the engine)
+        self._written: Watermark | None = None  # the last watermark sent to persistence
 
     def __contains__(self, position_id: object) -> bool:
         return (
@@ -348,17 +402,49 @@ class _Closer:
         self._in_flight = {order.position_id: order for order in batch}
         return batch
 
+    def _mark(self) -> Watermark | None:
+        """The watermark a request may carry: the last judged window, when the request holds
+        every close not yet answered (nothing waits for a retry outside it)."""
+        if self._waiting or self.judged is None or self.judged == self._written:
+            return None
+        return self.judged
+
+    async def advance_watermarks(self) -> None:
+        """Every ``watermark_interval_s``, write the watermark of windows that triggered
+        nothing (closes carry theirs); only while no close is outstanding."""
+        while True:
+            await trio.sleep(self._config.watermark_interval_s)
+            self._advance_alone()
+
+    def _advance_alone(self) -> None:
+        mark = self.judged
+        if mark is None or mark == self._written or self._pending():
+            return
+        try:
+            self._persistence.send_nowait(AdvanceWatermark(mark))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # a later one advances it
+        self._written = mark
+
+    def _pending(self) -> int:
+        return len(self._ready) + len(self._in_flight) + len(self._waiting)
+
     async def _send(self, batch: list[CloseOrder]) -> None:
         orders = tuple(batch)
+        mark = self._mark()
         # Outside the try: an injected fault here crashes the engine instead of a retry.
         await fault_points.hit(self._faults, "engine.before_close_batch")
         try:
             results = await ask(
                 self._persistence,
-                lambda reply: CloseRequest(orders=orders, source="engine", reply=reply),
+                lambda reply: CloseRequest(
+                    orders=orders, source="engine", reply=reply, watermark=mark
+                ),
                 timeout=self._config.close_timeout_s,
             )
             failed = self._settle(orders, results)
+            if mark is not None and not failed:
+                self._written = mark  # committed with these closes
         # Persistence answered with an error, died holding the request (ActorUnavailable), or
         # did not answer in time (TooSlowError): the whole batch is retried, nothing is lost.
         except Exception as exc:
@@ -411,9 +497,13 @@ class _Closer:
         self._in_flight, self._ready, self._waiting = {}, {}, {}
         self._count_pending()
         if not orders:
+            self._advance_alone()
             return
+        mark = None if self.judged == self._written else self.judged
         try:
-            self._persistence.send_nowait(CloseRequest(tuple(orders), source="engine"))
+            self._persistence.send_nowait(
+                CloseRequest(tuple(orders), source="engine", watermark=mark)
+            )
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.warning(
                 "engine %s: could not hand over %d closes (%r); they are redone on next start",
@@ -426,4 +516,4 @@ class _Closer:
         log.info("engine %s: handed over %d closes", self._symbol, len(orders))
 
     def _count_pending(self) -> None:
-        self._stats.closes_pending = len(self._ready) + len(self._in_flight) + len(self._waiting)
+        self._stats.closes_pending = self._pending()

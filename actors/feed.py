@@ -38,7 +38,7 @@ from tickguard.actors.feed_connection import (
 )
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FeedCommand, SubscribeOutcome, Unwatch, Watch
+from tickguard.actors.messages import FeedCommand, RecoverGap, SubscribeOutcome, Unwatch, Watch
 from tickguard.actors.window import WindowSlots
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,10 @@ class _Feed:
         commands: Mailbox[FeedCommand],
         status: FeedStatus,
         faults: FaultPoints | None = None,
+        recoveries: Mailbox[RecoverGap] | None = None,
     ) -> None:
         self.config = config
+        self.recoveries = recoveries
         self.faults = faults
         self.slots = slots
         self.commands = commands
@@ -296,6 +298,9 @@ class _Feed:
             if last is not None and trade_id > last + 1:
                 # Trades happened while we were away: the ticker after the ack is the last one.
                 self.report_missed(product, last, trade_id, "across a reconnect")
+            if last is None or trade_id > last + 1:
+                # Trades may have been missed (or, at start, since the durable watermark).
+                self.recover(product, last, trade_id)
         if last is not None and trade_id <= last:
             # The same trade again (the ticker sent after a resubscribe): already delivered.
             self.status.duplicates += 1
@@ -319,8 +324,17 @@ class _Feed:
         self.ahead[product] = self.ahead.get(product, 0) + 1
         if self.ahead[product] > 2:
             self.report_missed(product, last, last_trade_id + 1, "heartbeat ahead of ticker")
+            self.recover(product, last, last_trade_id + 1)
             self.last_trade_id[product] = last_trade_id
             self.ahead.pop(product, None)
+
+    def recover(self, product: str, after: int | None, before: int) -> None:
+        """Hold the product's later windows back until the recovery has delivered the trades
+        strictly between ``after`` and ``before`` (issue 14). Never blocks."""
+        if self.recoveries is None:
+            return
+        hold = self.slots.get(product).hold(after, before)
+        self.recoveries.send_nowait(RecoverGap(hold))
 
     def report_missed(self, product: str, last_seen: int, next_seen: int, how: str) -> None:
         missed = next_seen - last_seen - 1
@@ -433,16 +447,19 @@ async def run(
     status: FeedStatus,
     *,
     faults: FaultPoints | None = None,
+    recoveries: Mailbox[RecoverGap] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one Coinbase connection until cancelled.
 
     Receives ``Watch``/``Unwatch`` from ``commands``; puts every valid ticker into
     ``slots.get(product)``; updates ``status``. Started means: taking commands (the connection
-    comes up in the background, so a down Coinbase never delays the rest of the tree). Never
+    comes up in the background, so a down Coinbase never delays the rest of the tree). With
+    ``recoveries``, every gap it finds (a subscription's first ticker past the last trade put,
+    or any at start; heartbeats ahead) is held in the slot and sent there as ``RecoverGap``. Never
     waits on an engine; never raises for bad feed input or network failures (it reconnects).
     """
-    feed = _Feed(config, slots, commands, status, faults)
+    feed = _Feed(config, slots, commands, status, faults, recoveries)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed.handle_commands)
         task_status.started()

@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from tickguard.actors.session_queue import SessionQueue
+from tickguard.actors.window import Hold
 from tickguard.domain import (
     CloseOrder,
     CloseOutcome,
@@ -28,9 +29,13 @@ from tickguard.domain import (
     Position,
     Side,
     Status,
+    Watermark,
 )
 
 __all__ = [
+    "AdvanceWatermark",
+    "RecoverGap",
+    "Watermark",
     "CloseOrder",
     "CloseOutcome",
     "CloseReason",
@@ -80,6 +85,26 @@ class CloseRequest:
     orders: tuple[CloseOrder, ...]
     source: EventSource
     reply: trio.MemorySendChannel[Any] | None = None
+    # engine only: every window up to this trade was judged and everything it triggered is in
+    # this request; it advances in the closes' transaction (issue 14).
+    watermark: Watermark | None = None
+
+
+@attrs.frozen
+class AdvanceWatermark:
+    """engine → persistence, fire-and-forget: every window up to ``mark`` was judged and every
+    close it triggered is answered; write it (a write of its own, rate-limited by the engine)."""
+
+    mark: Watermark
+    reply: None = None
+
+
+@attrs.frozen(eq=False)
+class RecoverGap:
+    """feed → recovery: fetch the trades of ``hold`` (a gap the feed found in its slot),
+    deliver them into it and release it."""
+
+    hold: Hold
 
 
 @attrs.frozen
@@ -150,6 +175,6 @@ class Leave:
 
 
 # What each actor's mailbox carries.
-PersistenceRequest = CreateRequest | CloseRequest
+PersistenceRequest = CreateRequest | CloseRequest | AdvanceWatermark
 FanoutMessage = Event | Join | Leave
 FeedCommand = Watch | Unwatch

@@ -33,6 +33,7 @@ from tickguard.actors import faults as fault_points
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import (
+    AdvanceWatermark,
     CloseOrder,
     CloseOutcome,
     CloseRequest,
@@ -45,6 +46,7 @@ from tickguard.actors.messages import (
     Position,
     Track,
     Untrack,
+    Watermark,
     WriteRejected,
 )
 from tickguard.storage import Database, DatabaseUnavailable, writes
@@ -75,6 +77,7 @@ class PersistenceStats:
     closes_by_reason: dict[str, int] = attrs.field(factory=dict)
     db_errors: int = 0
     rejected: int = 0  # requests answered WriteRejected
+    watermark_writes: int = 0  # watermarks advanced on their own (nothing triggered)
 
 
 async def run(
@@ -122,9 +125,9 @@ class _Persistence:
         self.outbox_dirty = False
         self.unmarked: list[int] = []
 
-    async def next_batch(self, stopping: trio.Event | None) -> list[CreateRequest | CloseRequest]:
+    async def next_batch(self, stopping: trio.Event | None) -> list[PersistenceRequest]:
         """Wait for one request (or for ``stopping``), then take whatever else is queued."""
-        batch: list[CreateRequest | CloseRequest] = []
+        batch: list[PersistenceRequest] = []
         if stopping is None:
             batch.append(await self.inbox.receive())
         else:
@@ -147,17 +150,30 @@ class _Persistence:
                 break
         return batch
 
-    async def handle(self, batch: list[CreateRequest | CloseRequest]) -> None:
+    async def handle(self, batch: list[PersistenceRequest]) -> None:
         if self.outbox_dirty or self.unmarked:
             await self.recover_outbox_quietly()
         creates = [r for r in batch if isinstance(r, CreateRequest)]
         closes = [r for r in batch if isinstance(r, CloseRequest)]
+        marks = [r.mark for r in batch if isinstance(r, AdvanceWatermark)]
         if creates:
             await self.create(creates)
         for source in ("api", "engine"):
             group = [r for r in closes if r.source == source]
             if group:
                 await self.close(group)
+        if marks:
+            await self.advance(marks)
+
+    async def advance(self, marks: Sequence[Watermark]) -> None:
+        """Write watermarks whose windows triggered nothing. Lost if the database is away: a
+        later one advances past it, and a stale watermark only makes a recovery fetch more."""
+        try:
+            await writes.advance_watermarks(self.db, marks)
+        except DatabaseUnavailable as exc:
+            self.database_failed(exc)
+            return
+        self.stats.watermark_writes += 1
 
     async def create(self, requests: Sequence[CreateRequest]) -> None:
         try:
@@ -200,12 +216,19 @@ class _Persistence:
 
     async def close(self, requests: Sequence[CloseRequest]) -> None:
         orders = [order for r in requests for order in r.orders]
+        marks = [r.watermark for r in requests if r.watermark is not None]
         results: list[CloseResult] = []
         chunk = self.config.close_chunk
         for start in range(0, len(orders), chunk):
             piece = orders[start : start + chunk]
+            # The watermarks commit with the last piece, and only if no earlier order failed:
+            # a watermark never passes a close that did not commit.
+            last = start + chunk >= len(orders)
+            clean = all(r.outcome is not CloseOutcome.FAILED for r in results)
             try:
-                closed, events = await self.close_piece(piece, requests[0].source)
+                closed, events = await self.close_piece(
+                    piece, requests[0].source, marks if last and clean else ()
+                )
             except DatabaseUnavailable as exc:
                 self.database_failed(exc)
                 # This piece and the ones after it did not commit (or their acknowledgement was
@@ -233,13 +256,16 @@ class _Persistence:
             start = end
 
     async def close_piece(
-        self, piece: Sequence[CloseOrder], source: EventSource
+        self,
+        piece: Sequence[CloseOrder],
+        source: EventSource,
+        marks: Sequence[Watermark] = (),
     ) -> tuple[list[CloseResult], list[Event]]:
-        """Close ``piece`` in one transaction; if it fails for a reason other than the database
-        being away, close its orders one by one so that only an order that fails alone is
-        answered FAILED (and logged)."""
+        """Close ``piece`` (and advance ``marks``) in one transaction; if it fails for a reason
+        other than the database being away, close its orders one by one so that only an order
+        that fails alone is answered FAILED (and logged); the marks are then not written."""
         try:
-            return await writes.close_positions(self.db, piece, source=source)
+            return await writes.close_positions(self.db, piece, source=source, watermarks=marks)
         except DatabaseUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - isolated below, never swallowed

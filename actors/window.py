@@ -3,11 +3,18 @@
 The feed calls ``WindowSlot.put`` for every ticker; it never blocks. The engine calls
 ``await slot.take()``, which waits until at least one tick is pending and then swaps the
 whole window out, so no delivered price extreme is skipped however slow the engine is.
+
+Gap recovery (issue 14): when the feed finds trades it did not see (a reconnect, a start),
+it places a ``Hold`` in the slot (never blocking); live ticks keep merging into windows behind
+it. The engine takes everything before the hold, then waits until the recovery has delivered
+the missed trades' windows into the hold and released it, so recovered trades are judged in
+trade order before any later live window.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 
@@ -27,6 +34,8 @@ class TickWindow:
     last_trade_id: int
     first_time: datetime
     last_time: datetime
+    # Made of trades fetched over REST after a gap (its closes say "recovered": true).
+    recovered: bool = False
 
     @classmethod
     def of(cls, price: Decimal, trade_id: int, time: datetime) -> TickWindow:
@@ -46,6 +55,24 @@ class TickWindow:
         )
 
 
+class Hold:
+    """A place in a slot's order where a gap's recovered windows go (see ``WindowSlot.hold``)."""
+
+    def __init__(self, symbol: str, after: int | None, before: int) -> None:
+        self.symbol = symbol
+        self.after = after  # the last trade id the feed put before the gap (None: unknown)
+        self.before = before  # the first live trade id after the gap
+        self.windows: deque[TickWindow] = deque()
+        self.released = False
+
+
+class _Then:
+    """A call to make once every window queued before it has been taken."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self.call = call
+
+
 class WindowSlot:
     """One symbol's pending windows: the feed puts, the engine takes.
 
@@ -59,7 +86,7 @@ class WindowSlot:
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
-        self._windows: deque[TickWindow] = deque()
+        self._windows: deque[TickWindow | Hold | _Then] = deque()
         self._last_alone = False
         self._ready = trio.Event()
         self.last_price: Decimal | None = None
@@ -67,31 +94,79 @@ class WindowSlot:
 
     def put(self, price: Decimal, trade_id: int, time: datetime, *, alone: bool = False) -> None:
         """Merge one ticker into the pending window and wake the engine. Never blocks."""
-        if alone or not self._windows or self._last_alone:
+        tail = self._windows[-1] if self._windows else None
+        if alone or not isinstance(tail, TickWindow) or self._last_alone:
             self._windows.append(TickWindow.of(price, trade_id, time))
         else:
-            self._windows[-1] = self._windows[-1].merge(price, trade_id, time)
+            self._windows[-1] = tail.merge(price, trade_id, time)
         self._last_alone = alone
         self.last_price = price
         self.last_time = time
         self._ready.set()
 
+    def hold(self, after: int | None, before: int) -> Hold:
+        """Mark the gap between trade ``after`` and trade ``before`` (the feed, before it puts
+        ``before``): windows put from now on wait behind it until ``release``. Never blocks."""
+        hold = Hold(self.symbol, after, before)
+        self._windows.append(hold)
+        return hold
+
+    def deliver(self, hold: Hold, windows: Iterable[TickWindow]) -> None:
+        """Queue recovered windows (in trade order) at the hold's place. Never blocks."""
+        hold.windows.extend(windows)
+        self._ready.set()
+
+    def release(self, hold: Hold) -> None:
+        """The recovery of ``hold`` is over (delivered, or given up): what follows is takeable
+        once its delivered windows are taken. Idempotent; never blocks."""
+        hold.released = True
+        self._ready.set()
+
+    def then(self, call: Callable[[], None]) -> bool:
+        """Make ``call`` (in the taker's task) once every window pending now has been taken;
+        returns False when nothing is pending (the caller acts at once, ``call`` is dropped).
+        Ticks put after this start a new window."""
+        if not self._windows:
+            return False
+        self._windows.append(_Then(call))
+        return True
+
+    @property
+    def held(self) -> bool:
+        """A recovery not yet released is pending in this slot."""
+        return any(isinstance(item, Hold) and not item.released for item in self._windows)
+
     def take_nowait(self) -> TickWindow | None:
-        """Swap out the oldest pending window (None when no tick arrived since the last take)."""
-        if not self._windows:
-            return None
-        window = self._windows.popleft()
-        if not self._windows:
-            self._last_alone = False
-            self._ready = trio.Event()
-        return window
+        """Swap out the oldest pending window (None when no tick arrived since the last take,
+        or when the oldest is a hold whose recovery is still running)."""
+        items = self._windows
+        while items:
+            head = items[0]
+            if isinstance(head, TickWindow):
+                items.popleft()
+                if not items:
+                    self._last_alone = False
+                return head
+            if isinstance(head, _Then):
+                items.popleft()
+                head.call()
+            elif head.windows:
+                return head.windows.popleft()
+            elif head.released:
+                items.popleft()
+            else:
+                return None
+        self._last_alone = False
+        return None
 
     async def take(self) -> TickWindow:
-        """Wait until at least one tick is pending, then swap the oldest window out."""
+        """Wait until a window is takeable, then swap the oldest one out."""
         while True:
             window = self.take_nowait()
             if window is not None:
                 return window
+            # Nothing takeable now; put, deliver and release set the event.
+            self._ready = trio.Event()
             await self._ready.wait()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import asyncpg
 
@@ -26,17 +26,22 @@ from tickguard.domain import (
     EventType,
     NewPosition,
     Position,
+    Watermark,
 )
 from tickguard.storage.db import Database
 from tickguard.storage.errors import IdempotencyKeyReused, OpenPositionLimit
 from tickguard.storage.rows import COLUMNS, P_COLUMNS, to_position
+from tickguard.storage.watermarks import advance
 from tickguard.wire import event_message
 
 
 async def _write_events(
-    conn: asyncpg.Connection, changes: Sequence[tuple[EventType, EventSource, Position]]
+    conn: asyncpg.Connection,
+    changes: Sequence[tuple[EventType, EventSource, Position]],
+    recovered: Collection[uuid.UUID] = (),
 ) -> list[Event]:
-    """Give each change the next ``seq`` of its user and write its outbox row.
+    """Give each change the next ``seq`` of its user and write its outbox row (positions in
+    ``recovered`` were closed from recovered market data: their event says so).
 
     Runs inside the caller's transaction: the counter rows are locked until it commits, which
     keeps ``seq`` gap-free and in commit order per user.
@@ -59,7 +64,9 @@ async def _write_events(
         next_seq[position.user_id] += 1
         seq = next_seq[position.user_id]
         seqs.append(seq)
-        messages.append(event_message(type_, source, seq, position))
+        messages.append(
+            event_message(type_, source, seq, position, recovered=position.id in recovered)
+        )
     ids = await conn.fetch(
         """INSERT INTO events (user_id, seq, type, position_id, message)
            SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[], $5::text[])
@@ -221,9 +228,16 @@ RETURNING {P_COLUMNS}
 
 
 async def close_positions(
-    db: Database, orders: Sequence[CloseOrder], *, source: EventSource
+    db: Database,
+    orders: Sequence[CloseOrder],
+    *,
+    source: EventSource,
+    watermarks: Sequence[Watermark] = (),
 ) -> tuple[list[CloseResult], list[Event]]:
     """Close a batch atomically: one UPDATE for every order, one closed event per closed row.
+
+    ``watermarks`` advance in the same transaction (issue 14): they commit exactly when the
+    closes their windows triggered do.
 
     Returns one ``CloseResult`` per order, in order (CLOSED, ALREADY_CLOSED or NOT_FOUND), and
     the events written. An id named twice is judged twice, in order, in the same transaction:
@@ -231,7 +245,7 @@ async def close_positions(
     caller reports every id as FAILED and may retry them: a retry of a close that did commit
     answers ALREADY_CLOSED, and its event is in the outbox).
     """
-    return await db.transaction(_close, list(orders), source)
+    return await db.transaction(_close, list(orders), source, list(watermarks))
 
 
 def _rounds(orders: list[CloseOrder]) -> list[list[tuple[int, CloseOrder]]]:
@@ -248,7 +262,10 @@ def _rounds(orders: list[CloseOrder]) -> list[list[tuple[int, CloseOrder]]]:
 
 
 async def _close(
-    conn: asyncpg.Connection, orders: list[CloseOrder], source: EventSource
+    conn: asyncpg.Connection,
+    orders: list[CloseOrder],
+    source: EventSource,
+    watermarks: list[Watermark],
 ) -> tuple[list[CloseResult], list[Event]]:
     results: list[CloseResult | None] = [None] * len(orders)
     closed_all: list[Position] = []
@@ -284,8 +301,18 @@ async def _close(
                 results[index] = CloseResult(pid, CloseOutcome.NOT_FOUND)
             else:
                 results[index] = CloseResult(pid, CloseOutcome.ALREADY_CLOSED, row)
-    events = await _write_events(conn, [("position.closed", source, p) for p in closed_all])
+    recovered = {o.position_id for o in orders if o.recovered}
+    events = await _write_events(
+        conn, [("position.closed", source, p) for p in closed_all], recovered
+    )
+    await advance(conn, watermarks)
     return [r for r in results if r is not None], events
+
+
+async def advance_watermarks(db: Database, marks: Sequence[Watermark]) -> None:
+    """Move watermarks forward on their own (windows that triggered nothing), one statement."""
+    if marks:
+        await db.run(advance, list(marks))
 
 
 async def positions_by_id(db: Database, ids: Sequence[uuid.UUID]) -> list[Position]:

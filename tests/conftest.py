@@ -85,7 +85,7 @@ async def _migrate(url: str) -> None:
 async def db(database_url: str) -> AsyncIterator[Database]:
     """A pool on the session's database, with every table emptied first."""
     async with open_database(database_url, timeout=10.0) as database:
-        await database.execute("TRUNCATE positions, events, user_seq")
+        await database.execute("TRUNCATE positions, events, user_seq, watermarks")
         yield database
 
 

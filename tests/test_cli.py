@@ -127,7 +127,7 @@ def test_serve_on_the_embedded_database_keeps_data_and_stops_in_order(tmp_path: 
         for line in log.splitlines()
         if line.endswith(": stopping")
     ]
-    assert stops[:3] == ["web", "feed", "engines"]
+    assert stops[:4] == ["web", "feed", "recovery", "engines"]  # recovery releases its holds
     assert stops.index("persistence") < stops.index("fanout")
     # Started again on the same directory: the position is still there.
     again = Served(data, tmp_path)

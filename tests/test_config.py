@@ -166,6 +166,7 @@ BAD_VALUES = [
     ("SHUTDOWN_GRACE_MS", "-1"),
     ("LOG_LEVEL", "verbose"),
     ("LOG_FORMAT", "xml"),
+    ("GAP_FILL", "first"),
     ("AUTH_JWKS_URL", "idp.example.com/jwks.json"),
     ("AUTH_JWKS_URL", "ftp://idp.example.com/jwks.json"),
     ("AUTH_JWKS_URL", "https:///jwks.json"),

@@ -26,6 +26,7 @@ from tickguard.actors import engine
 from tickguard.actors.engine import EngineConfig, EngineStats
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox
 from tickguard.actors.messages import (
+    AdvanceWatermark,
     CloseOrder,
     CloseOutcome,
     CloseRequest,
@@ -33,6 +34,7 @@ from tickguard.actors.messages import (
     Position,
     Track,
     Untrack,
+    Watermark,
 )
 from tickguard.actors.window import WindowSlot
 
@@ -72,6 +74,7 @@ class Persistence:
         self.errors: list[BaseException] = []  # answer whole requests with these, in turn
         self.silent = 0  # how many requests to take and never answer
         self._seen_send, self.seen = trio.open_memory_channel[tuple[float, CloseRequest]](math.inf)
+        self.marks: list[Watermark] = []  # watermarks advanced on their own (issue 14)
 
     async def load_open(self, symbol: str) -> AsyncIterator[list[Position]]:
         self.load_calls.append(symbol)
@@ -83,6 +86,9 @@ class Persistence:
     async def serve(self) -> None:
         while True:
             request = await self.mailbox.receive()
+            if isinstance(request, AdvanceWatermark):
+                self.marks.append(request.mark)
+                continue
             self._seen_send.send_nowait((trio.current_time(), request))
             if self.silent:
                 self.silent -= 1
@@ -465,3 +471,65 @@ async def test_the_feed_lets_a_symbol_go_when_its_last_position_closes(autojump_
         await h.inbox.send(Track(position(sl="70", created=2)))  # not idle before: no message
         await until(lambda: h.stats.positions_open == 2)
         assert feed_commands(h) == [("Unwatch", SYMBOL), ("Watch", SYMBOL)]
+
+
+# ---------------------------------------------------------------- watermarks (issue 14)
+async def test_a_quiet_window_advances_the_watermark_at_most_once_per_interval(
+    autojump_clock,
+) -> None:
+    async with engine_running(position(sl="90")) as h:
+        h.tick("100", 1)
+        await trio.sleep(0.1)
+        h.tick("101", 2)
+        await until(lambda: len(h.db.marks) == 1)
+        assert h.db.marks == [Watermark(SYMBOL, 2, at(2))]
+        await trio.sleep(5 * CONFIG.watermark_interval_s)
+        assert len(h.db.marks) == 1  # nothing judged since: nothing written
+        h.tick("102", 3)
+        await until(lambda: len(h.db.marks) == 2)
+        assert h.db.marks[-1] == Watermark(SYMBOL, 3, at(3))
+
+
+async def test_a_close_carries_the_watermark_and_a_failing_close_holds_it_back(
+    autojump_clock,
+) -> None:
+    a, b = position(sl="90"), position(sl="80")
+    async with engine_running(a, b) as h:
+        h.tick("90", 1)
+        _, first = await h.db.next_request()
+        assert first.watermark == Watermark(SYMBOL, 1, at(1))  # commits with the close
+        h.db.fail[b.id] = 3
+        h.tick("80", 2)
+        _, failed = await h.db.next_request()
+        assert failed.watermark == Watermark(SYMBOL, 2, at(2))  # not committed: FAILED
+        h.tick("100", 3)  # quiet, but b's close is still being retried
+        await trio.sleep(3 * CONFIG.watermark_interval_s)
+        retries = [(await h.db.next_request())[1] for _ in range(3)]
+        # Each retry holds every unanswered close, so it may carry the latest watermark.
+        assert [r.watermark for r in retries] == [Watermark(SYMBOL, 3, at(3))] * 3
+        await until(lambda: h.db.rows[b.id].status == "closed")
+        await trio.sleep(3 * CONFIG.watermark_interval_s)
+        assert h.db.marks == []  # never written on its own while b's close was failing
+
+
+async def test_a_position_tracked_during_a_recovery_joins_after_the_held_windows(
+    autojump_clock,
+) -> None:
+    """Invariant 10 across a hold: a live window queued behind a recovery holds a price from
+    before the position existed; it is judged before the position joins the index."""
+    async with engine_running(position(sl="10")) as h:
+        hold = h.slot.hold(0, 3)
+        h.slot.put(Decimal("100"), 3, at(3), alone=True)
+        h.slot.put(Decimal("80"), 4, at(4))
+        h.slot.put(Decimal("100"), 8, at(8))  # merged with the 80 at 4: last_time 8
+        late = position(sl="90", created=5)
+        h.db.rows[late.id] = late
+        h.inbox.send_nowait(Track(late))
+        await trio.sleep(1)
+        h.slot.deliver(hold, [])
+        h.slot.release(hold)
+        await until(lambda: h.stats.windows_judged >= 2)
+        await trio.sleep(1)
+        assert h.stats.positions_open == 2 and h.db.rows[late.id].status == "open"
+        h.tick("89", 9)  # after it existed: closes it
+        await until(lambda: h.db.rows[late.id].status == "closed")

@@ -17,6 +17,9 @@ Metrics (``{label}``):
 - ``tickguard_closes_total{reason}`` (committed closes; every reason is always present)
 - ``tickguard_ws_sessions``, ``tickguard_ws_dropped_slow_total``
 - ``tickguard_db_errors_total``, ``tickguard_persistence_transactions_total``
+- ``tickguard_recovery_gaps_total{outcome}`` (recovered or abandoned: flagged, not judged),
+  ``tickguard_recovery_trades_total``, ``tickguard_recovery_requests_total``,
+  ``tickguard_recovery_retries_total`` (gap recovery over REST, issue 14)
 
 A source the app was not given (e.g. a test app without actors) is left out, not reported 0.
 """
@@ -41,6 +44,7 @@ if TYPE_CHECKING:  # the counters' types only: web reads them, never imports the
     from tickguard.actors.engine import EngineStats
     from tickguard.actors.fanout import FanoutStats
     from tickguard.actors.persistence import PersistenceStats
+    from tickguard.actors.recovery import RecoveryStats
 
 REGISTRY = "tickguard.metrics"
 CLOSE_REASONS = ("take_profit", "stop_loss", "manual", "system")
@@ -56,6 +60,7 @@ class MetricsSources:
     engines: Mapping[str, EngineStats] = attrs.field(factory=dict)
     persistence: PersistenceStats | None = None
     fanout: FanoutStats | None = None
+    recovery: RecoveryStats | None = None
 
 
 class TickguardCollector(Collector):
@@ -73,6 +78,8 @@ class TickguardCollector(Collector):
                 yield from _persistence(sources.persistence)
             if sources.fanout is not None:
                 yield from _fanout(sources.fanout)
+            if sources.recovery is not None:
+                yield from _recovery(sources.recovery)
             yield from _edge(self.services.ws_stats)
 
     def _feed(self) -> Iterator[Metric]:
@@ -165,6 +172,32 @@ def _persistence(stats: PersistenceStats) -> Iterator[Metric]:
         "tickguard_persistence_transactions",
         "Transactions the persistence actor committed.",
         value=stats.transactions,
+    )
+
+
+def _recovery(stats: RecoveryStats) -> Iterator[Metric]:
+    gaps = CounterMetricFamily(
+        "tickguard_recovery_gaps",
+        "Feed gaps by outcome: recovered over REST, or abandoned (flagged in the log, not judged).",
+        labels=["outcome"],
+    )
+    gaps.add_metric(["recovered"], stats.recovered)
+    gaps.add_metric(["abandoned"], stats.abandoned)
+    yield gaps
+    yield CounterMetricFamily(
+        "tickguard_recovery_trades",
+        "Missed trades fetched over REST and judged.",
+        value=stats.trades,
+    )
+    yield CounterMetricFamily(
+        "tickguard_recovery_requests",
+        "Requests of gap recoveries (REST pages and watermark reads), retries included.",
+        value=stats.requests,
+    )
+    yield CounterMetricFamily(
+        "tickguard_recovery_retries",
+        "Recovery requests that failed (429, 5xx, network, bad body) and were retried.",
+        value=stats.retries,
     )
 
 

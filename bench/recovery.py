@@ -1,0 +1,115 @@
+"""Gap recovery (issue 14): how long the recovery of a gap of 1 minute and of 1 hour of
+BTC-USD-like trades takes, and how many REST requests it uses.
+
+``python -m bench.recovery [--rate TRADES_PER_S] [--positions N]``. Standalone (not yet in
+``python -m bench``). The simulator publishes the gap's trades without a ticker (its REST
+trades list them); the real recovery actor pages them over loopback HTTP into a WindowSlot's
+hold; a TriggerIndex holding ``N`` open positions (none crossed: the common case) judges every
+recovered window, as the engine would. Measured: from ``RecoverGap`` sent to the last window
+judged. The tick path's cost is not measured: ``WindowSlot.put`` gained one ``isinstance``
+check and the feed one comparison per subscription's first ticker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import trio
+
+from tickguard.actors import recovery
+from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.messages import Position, RecoverGap, Watermark
+from tickguard.actors.triggers import TriggerIndex
+from tickguard.actors.window import WindowSlots
+from tickguard.sim import open_simulator
+
+PRODUCT = "BTC-USD"
+
+
+def positions(n: int, now: datetime) -> list[Position]:
+    """``n`` long positions, stops 5-15% below and take-profits 5-15% above 65,000."""
+    rng = random.Random(1)
+    return [
+        Position(
+            id=uuid.uuid4(),
+            user_id=f"u{i % 1000}",
+            symbol=PRODUCT,
+            side="long",
+            entry_price=Decimal(65000),
+            take_profit=Decimal(65000 + rng.randint(3250, 9750)),
+            stop_loss=Decimal(65000 - rng.randint(3250, 9750)),
+            status="open",
+            close_price=None,
+            close_reason=None,
+            created_at=now,
+            updated_at=now,
+            closed_at=None,
+        )
+        for i in range(n)
+    ]
+
+
+async def one_gap(trades: int, n_positions: int) -> dict[str, float]:
+    rng = random.Random(trades)
+    now = datetime.now(UTC)
+    index = TriggerIndex(positions(n_positions, now))
+    async with open_simulator({PRODUCT: "65000"}) as sim:
+        market = sim.products[PRODUCT]
+        mark = Watermark(PRODUCT, market.trade_id, market.last_time)
+        price, walk = Decimal(65000), []
+        for _ in range(trades):
+            price += Decimal(rng.randint(-50, 50)) / 10
+            walk.append(price)
+        sim.skip_trade_ids(PRODUCT, trades, prices=walk)
+        before = market.trade_id + 1  # the first live trade after the gap
+
+        async def read_watermark(symbol: str) -> Watermark | None:
+            return mark
+
+        slots = WindowSlots()
+        slot = slots.get(PRODUCT)
+        box: Mailbox[RecoverGap] = Mailbox("recovery")
+        stats = recovery.RecoveryStats()
+        config = recovery.RecoveryConfig(sim.rest_url, max_pages=1000)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: recovery.run(
+                    config, box, slots, read_watermark, stats=stats, task_status=task_status
+                )
+            )
+            hold = slot.hold(mark.trade_id, before)
+            started = time.perf_counter()
+            box.send_nowait(RecoverGap(hold))
+            judged = triggered = 0
+            while judged < trades:
+                triggered += len(index.judge(await slot.take()))
+                judged += 1
+            elapsed = time.perf_counter() - started
+            nursery.cancel_scope.cancel()
+    return {
+        "trades": trades,
+        "rest_requests": stats.requests,
+        "seconds": round(elapsed, 3),
+        "triggered": triggered,
+    }
+
+
+async def main(rate: float, n_positions: int) -> None:
+    print(f"python {platform.python_version()}, {n_positions} open positions, {rate} trades/s")
+    for label, seconds in (("1 minute", 60), ("1 hour", 3600)):
+        result = await one_gap(int(rate * seconds), n_positions)
+        print(f"gap of {label}: {result}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=10.0, help="trades per second (BTC-USD-like)")
+    parser.add_argument("--positions", type=int, default=10_000)
+    args = parser.parse_args()
+    trio.run(main, args.rate, args.positions)
