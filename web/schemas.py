@@ -256,6 +256,21 @@ class ClosePosition:
     reason: Literal["manual", "system"] = "manual"
 
 
+def _limit_field() -> Any:
+    """The ``limit`` of a list query (one declaration for both lists)."""
+    return attrs.field(
+        default=None,
+        metadata=_doc(
+            f"Page size. Omitted: the whole list, up to {LIST_BOUND} rows (then nextCursor)."
+        ),
+    )
+
+
+def _cursor_field() -> Any:
+    """The ``cursor`` of a list query."""
+    return attrs.field(default=None, metadata=_doc("The nextCursor of the previous page."))
+
+
 @attrs.frozen
 class ListPositionsQuery:
     """The query of ``GET /api/positions``."""
@@ -264,15 +279,8 @@ class ListPositionsQuery:
     status: Literal["open", "closed"] | None = attrs.field(
         default=None, metadata=_doc("Only positions with this status; both when omitted.")
     )
-    limit: PageSize | None = attrs.field(
-        default=None,
-        metadata=_doc(
-            f"Page size. Omitted: the whole list, up to {LIST_BOUND} rows (then nextCursor)."
-        ),
-    )
-    cursor: Cursor | None = attrs.field(
-        default=None, metadata=_doc("The nextCursor of the previous page.")
-    )
+    limit: PageSize | None = _limit_field()
+    cursor: Cursor | None = _cursor_field()
 
 
 @attrs.frozen
@@ -280,15 +288,8 @@ class ListClosedQuery:
     """The query of ``GET /api/positions/closed``."""
 
     user_id: UserId = attrs.field(alias="userId", metadata=_doc("The acting user."))
-    limit: PageSize | None = attrs.field(
-        default=None,
-        metadata=_doc(
-            f"Page size. Omitted: the whole list, up to {LIST_BOUND} rows (then nextCursor)."
-        ),
-    )
-    cursor: Cursor | None = attrs.field(
-        default=None, metadata=_doc("The nextCursor of the previous page.")
-    )
+    limit: PageSize | None = _limit_field()
+    cursor: Cursor | None = _cursor_field()
 
 
 @attrs.frozen
