@@ -175,15 +175,21 @@ def _persistence(stats: PersistenceStats) -> Iterator[Metric]:
     )
 
 
+def _by_label(name: str, help_text: str, label: str, counts: dict[str, int]) -> Metric:
+    """One counter family with a sample per value of its one label."""
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
+
+
 def _recovery(stats: RecoveryStats) -> Iterator[Metric]:
-    gaps = CounterMetricFamily(
+    yield _by_label(
         "tickguard_recovery_gaps",
         "Feed gaps by outcome: recovered over REST, or abandoned (flagged in the log, not judged).",
-        labels=["outcome"],
+        "outcome",
+        {"recovered": stats.recovered, "abandoned": stats.abandoned},
     )
-    gaps.add_metric(["recovered"], stats.recovered)
-    gaps.add_metric(["abandoned"], stats.abandoned)
-    yield gaps
     yield CounterMetricFamily(
         "tickguard_recovery_trades",
         "Missed trades fetched over REST and judged.",
@@ -214,22 +220,18 @@ def _fanout(stats: FanoutStats) -> Iterator[Metric]:
 
 def _edge(ws: WsStats) -> Iterator[Metric]:
     """What the edge refused or contained: bad /ws handshakes and frames, failed connections."""
-    sessions = CounterMetricFamily(
+    yield _by_label(
         "tickguard_ws_handshakes",
         "WebSocket handshakes by outcome (opened, or rejected for a bad userId).",
-        labels=["outcome"],
+        "outcome",
+        {"opened": ws.opened, "rejected": ws.rejected},
     )
-    sessions.add_metric(["opened"], ws.opened)
-    sessions.add_metric(["rejected"], ws.rejected)
-    yield sessions
-    frames = CounterMetricFamily(
+    yield _by_label(
         "tickguard_ws_client_frames_refused",
         "Client WebSocket frames ignored (unknown or malformed) or too big (closed with 1009).",
-        labels=["why"],
+        "why",
+        {"ignored": ws.ignored_frames, "too_big": ws.too_big},
     )
-    frames.add_metric(["ignored"], ws.ignored_frames)
-    frames.add_metric(["too_big"], ws.too_big)
-    yield frames
     yield CounterMetricFamily(
         "tickguard_http_connections_failed",
         "Connections that ended with an error inside the HTTP server, contained to themselves.",
