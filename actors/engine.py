@@ -124,6 +124,11 @@ async def run(
     closer = _Closer(symbol, persistence, config, stats, faults)
     engine = _Engine(symbol, TriggerIndex(), closer, stats, config.gap_fill)
     load = Load()
+    # The ticks pending now came before this load began; the ones put during the load may be
+    # newer than the position a create started this engine for. Kept apart, each backlog window
+    # is judged against the positions older than its own first trade (below), so a stop crossed
+    # during the load still closes the position that started the engine.
+    slot.cut()
     with trio.fail_after(config.load_timeout_s), _collector_paused():
         # The index keeps only what the rule reads; each page's full rows go before the next,
         # and the indexes are sorted once, at the end.
@@ -133,8 +138,8 @@ async def run(
     engine.watch_load(load)
     # Invariant 10 at start: ticks that piled up in the slot while no engine took them (the
     # symbol had no engine yet, or this one was restarting) can be older than a position loaded
-    # just now (an engine started by a create loads that very position). Judge that backlog
-    # only against positions older than its first trade, before any live window.
+    # just now (an engine started by a create loads that very position). Judge each backlog
+    # window only against positions older than its first trade, before any live window.
     while (backlog := slot.take_nowait()) is not None:
         engine.judge(backlog, created_before=backlog.first_time)
     stats.starts += 1

@@ -131,6 +131,12 @@ class WindowSlot:
         self._windows.append(_Then(call))
         return True
 
+    def cut(self) -> None:
+        """Ticks put from now on start a new window: what is pending stays apart from them (an
+        engine starting marks where its load began, issue 14 follow-up). Never blocks."""
+        if self._windows and isinstance(self._windows[-1], TickWindow):
+            self._last_alone = True
+
     @property
     def held(self) -> bool:
         """A recovery not yet released is pending in this slot."""

@@ -233,6 +233,46 @@ async def test_a_start_up_backlog_never_closes_a_position_younger_than_its_first
         nursery.cancel_scope.cancel()
 
 
+class GatedLoad(Persistence):
+    """Persistence whose load_open waits for ``loading_may_end`` after its first page."""
+
+    def __init__(self, *positions: Position) -> None:
+        super().__init__(*positions)
+        self.loading = trio.Event()
+        self.loading_may_end = trio.Event()
+
+    async def load_open(self, symbol: str) -> AsyncIterator[list[Position]]:
+        async for page in super().load_open(symbol):
+            yield page
+            self.loading.set()
+            await self.loading_may_end.wait()
+
+
+async def test_a_stop_crossed_while_the_engine_loads_closes_the_position_that_started_it(
+    autojump_clock,
+) -> None:
+    """The first create on a symbol starts its engine, which loads that very position. Ticks
+    put during the load are newer than it: they are not merged with the older backlog (whose
+    first trade predates the position), so the stop they cross closes it."""
+    old = position(sl="90", created=0)
+    young = position(sl="90", created=5)
+    db = GatedLoad(old, young)
+    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats())
+    h.tick("85", 3)  # before `young` existed: closes only `old`
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.serve)
+        nursery.start_soon(start_engine, nursery, h)
+        await db.loading.wait()
+        h.tick("89", 6)  # during the load, after `young` existed
+        db.loading_may_end.set()
+        _, request = await h.db.next_request()  # both backlog windows, judged in one go
+        assert {(o.position_id, o.triggered_at) for o in request.orders} == {
+            (old.id, at(3)),
+            (young.id, at(6)),
+        }
+        nursery.cancel_scope.cancel()
+
+
 async def test_only_failed_ids_are_retried_with_backoff(autojump_clock) -> None:
     a, b, c = (position(sl="90") for _ in range(3))
     async with engine_running(a, b, c) as h:

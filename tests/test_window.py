@@ -51,6 +51,23 @@ def test_a_tick_put_alone_is_never_merged_with_fresh_ticks() -> None:
     ]
 
 
+def test_a_cut_keeps_the_pending_window_apart_from_later_ticks() -> None:
+    slot = WindowSlot("BTC-USD")
+    slot.cut()  # nothing pending: a no-op
+    slot.put(Decimal("100"), 1, at(0))
+    slot.put(Decimal("90"), 2, at(1))
+    slot.cut()
+    slot.put(Decimal("95"), 3, at(2))
+    slot.put(Decimal("96"), 4, at(3))
+    windows = []
+    while (window := slot.take_nowait()) is not None:
+        windows.append(window)
+    assert [(w.low, w.high, w.count, w.first_time) for w in windows] == [
+        (Decimal("90"), Decimal("100"), 2, at(0)),
+        (Decimal("95"), Decimal("96"), 2, at(2)),
+    ]
+
+
 async def test_take_waits_for_a_tick() -> None:
     slot = WindowSlot("BTC-USD")
     taken = []
