@@ -8,12 +8,13 @@ window and sends one close batch; persistence commits it in pieces of
 ``PersistenceConfig.close_chunk`` (2,500) closes, and the symbol's watermark advances in the
 last piece's transaction only (a watermark never passes a close that did not commit).
 
-Making the kill land mid-cascade every time: polling the closed count alone is a race (the
-500 closes of the last piece commit some 50-200 ms after the first 2,500, and a loaded machine
-delays the test's poll by as much). So the test also holds a row lock on the symbol's
-watermark row (``SELECT ... FOR UPDATE`` on its own connection) while the cascade runs: the
-first piece commits, the last piece's transaction (its closes written, not committed) waits on
-that lock when it advances the watermark. The test kills tickguard once the closed count is
+Making the kill land mid-cascade every time: polling the closed count alone is a race. Here
+(2 shared cores, 2026-12-02), polling every 2 ms without the lock below saw the count go from 0
+straight to 3,000 in 2 runs of 3, and 2,500 for 0.21 s in the third; a kill sent on seeing
+2,500 can still arrive after the last piece committed. So the test also holds a row lock on the
+symbol's watermark row (``SELECT ... FOR UPDATE`` on its own connection) while the cascade
+runs: the first piece commits, the last piece's transaction (its closes written, not committed)
+waits on that lock when it advances the watermark. The test kills tickguard once the closed count is
 strictly between 0 and 3,000 and a backend of the database waits on a lock, then releases the
 lock (the orphaned transaction then finds its client gone and rolls back). It is a real fault
 of a real database (a commit held up by another transaction), not a stand-in.
@@ -25,7 +26,7 @@ the 500 still open. The test asserts, behind ``trio.fail_after`` hang guards: ev
 position is closed, at its stop level (``GAP_FILL=level``, the default), triggered at the
 crossing trade's time, with exactly one ``position.closed`` row in ``events``, ``"recovered":
 true`` exactly on those closed after the restart; no uncrossed position is closed; each user's
-event seqs run 1..n; the outbox ends empty. About 20-30 s on 2 shared cores.
+event seqs run 1..n; the outbox ends empty. 6-12 s here (2 shared cores).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import httpx
 import pytest
 import trio
 import trio_asyncio
-from fault_helpers import GUARD_S, Figures, Run, audit, until
+from fault_helpers import Figures, Run, audit, until
 from test_faults_process import own_database, tickguard_process  # noqa: F401 (a fixture)
 
 from tickguard.actors.persistence import PersistenceConfig
@@ -89,14 +90,9 @@ def crossed_positions() -> list[NewPosition]:
 
 def uncrossed_positions() -> list[NewPosition]:
     """Longs and shorts whose brackets hold both 63,900 and 65,000."""
-    longs = [
-        NewPosition("spared", PRODUCT, "long", Decimal("65000"), Decimal("70000"), Decimal("60000"))
-        for _ in range(20)
-    ]
-    shorts = [
-        NewPosition("spared", PRODUCT, "short", Decimal("65000"), Decimal("60000"), Decimal("70000"))
-        for _ in range(20)
-    ]
+    entry, low, high = Decimal("65000"), Decimal("60000"), Decimal("70000")
+    longs = [NewPosition("spared", PRODUCT, "long", entry, high, low) for _ in range(20)]
+    shorts = [NewPosition("spared", PRODUCT, "short", entry, low, high) for _ in range(20)]
     return longs + shorts
 
 
@@ -239,7 +235,7 @@ async def test_kill_9_mid_cascade_of_3000_then_price_back_closes_each_crossed_st
 async def judged_with_watermark(db: Database, sim: Simulator) -> int:
     """Publish one quiet trade and wait until tickguard's durable watermark reached it (the
     engine writes a quiet window's watermark at most once a second); returns its trade id."""
-    trade_id = sim.publish(PRODUCT, BACK_PRICE)
+    trade_id = int(sim.publish(PRODUCT, BACK_PRICE))
 
     async def reached() -> bool:
         mark = await watermarks.read(db, PRODUCT)
@@ -265,4 +261,3 @@ async def _all_closed(db: Database, ids: list[str]) -> bool:
 
 async def _outbox_empty(db: Database) -> bool:
     return bool(await db.fetchval("SELECT count(*) FROM events WHERE published_at IS NULL") == 0)
-
