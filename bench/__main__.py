@@ -22,6 +22,7 @@ BENCHMARKS = {
     "engine": "bench.engine",
     "ingest": "bench.ingest",
     "feed_ingest": "bench.feed_ingest",
+    "recovery": "bench.recovery",
     "latency": "bench.latency",
     "cascade": "bench.cascade",
     "rest": "bench.rest",

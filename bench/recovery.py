@@ -1,13 +1,16 @@
 """Gap recovery (issue 14): how long the recovery of a gap of 1 minute and of 1 hour of
 BTC-USD-like trades takes, and how many REST requests it uses.
 
-``python -m bench.recovery [--rate TRADES_PER_S] [--positions N]``. Standalone (not yet in
-``python -m bench``). The simulator publishes the gap's trades without a ticker (its REST
-trades list them); the real recovery actor pages them over loopback HTTP into a WindowSlot's
-hold; a TriggerIndex holding ``N`` open positions (none crossed: the common case) judges every
-recovered window, as the engine would. Measured: from ``RecoverGap`` sent to the last window
-judged. The tick path's cost is not measured: ``WindowSlot.put`` gained one ``isinstance``
-check and the feed one comparison per subscription's first ticker.
+    python -m bench --only recovery [--quick]
+    python -m bench.recovery [--rate TRADES_PER_S] [--positions N]
+
+The simulator publishes the gap's trades without a ticker (its REST trades list them); the real
+recovery actor pages them over loopback HTTP into a WindowSlot's hold; a TriggerIndex holding
+``N`` open positions (none crossed: the common case) judges every recovered window, as the
+engine would. Measured: from ``RecoverGap`` sent to the last window judged. No database: the
+watermark is handed to the actor in memory (its one read is still counted as a request). The
+tick path's cost is not measured: ``WindowSlot.put`` gained one ``isinstance`` check and the
+feed one comparison per subscription's first ticker.
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ from __future__ import annotations
 import argparse
 import platform
 import random
+import statistics
 import time
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import trio
 
+from bench.common import Context, Figure, write_result
 from tickguard.actors import recovery
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import Position, RecoverGap, Watermark
@@ -29,7 +36,10 @@ from tickguard.actors.triggers import TriggerIndex
 from tickguard.actors.window import WindowSlots
 from tickguard.sim import open_simulator
 
+NAME = "recovery"
 PRODUCT = "BTC-USD"
+RATE = 10.0  # trades per second assumed BTC-USD-like
+GAPS = (("1 minute", 60), ("1 hour", 3600))
 
 
 def positions(n: int, now: datetime) -> list[Position]:
@@ -55,7 +65,7 @@ def positions(n: int, now: datetime) -> list[Position]:
     ]
 
 
-async def one_gap(trades: int, n_positions: int) -> dict[str, float]:
+async def one_gap(trades: int, n_positions: int) -> dict[str, Any]:
     rng = random.Random(trades)
     now = datetime.now(UTC)
     index = TriggerIndex(positions(n_positions, now))
@@ -100,16 +110,61 @@ async def one_gap(trades: int, n_positions: int) -> dict[str, float]:
     }
 
 
+def run(ctx: Context) -> Path:
+    """``python -m bench --only recovery``: each gap ``repeats`` times (medians printed), JSON
+    in ``ctx.json_dir``."""
+    started = time.perf_counter()
+    n_positions = 1_000 if ctx.quick else 10_000
+    repeats = 1 if ctx.quick else 3
+    samples: dict[str, list[dict[str, Any]]] = {}
+    figures = []
+    for label, seconds in GAPS:
+        trades = int(RATE * seconds)
+        runs = [trio.run(one_gap, trades, n_positions) for _ in range(repeats)]
+        samples[label] = runs
+        figures += [
+            Figure(
+                f"gap of {label} ({trades:,} trades): recovered + judged",
+                statistics.median(r["seconds"] for r in runs),
+                "s",
+            ),
+            Figure(
+                "  requests (trades pages + 1 watermark read)",
+                statistics.median(r["rest_requests"] for r in runs),
+                "req",
+            ),
+        ]
+    return write_result(
+        ctx,
+        NAME,
+        params={
+            "trades_per_s": RATE,
+            "open_positions": n_positions,
+            "repeats": repeats,
+            "gaps_s": [seconds for _, seconds in GAPS],
+        },
+        figures=figures,
+        data={"runs": samples},
+        pg=None,
+        started=started,
+        notes=[
+            "simulator over loopback, no rate limit; against Coinbase each page costs a round "
+            "trip and the public limit",
+            "tick path cost not measured (one isinstance per WindowSlot.put)",
+        ],
+    )
+
+
 async def main(rate: float, n_positions: int) -> None:
     print(f"python {platform.python_version()}, {n_positions} open positions, {rate} trades/s")
-    for label, seconds in (("1 minute", 60), ("1 hour", 3600)):
+    for label, seconds in GAPS:
         result = await one_gap(int(rate * seconds), n_positions)
         print(f"gap of {label}: {result}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=10.0, help="trades per second (BTC-USD-like)")
+    parser.add_argument("--rate", type=float, default=RATE, help="trades per second (BTC-USD-like)")
     parser.add_argument("--positions", type=int, default=10_000)
     args = parser.parse_args()
     trio.run(main, args.rate, args.positions)
