@@ -75,7 +75,9 @@ async def test_ticks_reach_the_window_slot_exactly(autojump_clock):
 
 async def test_one_product_per_subscribe_message_in_channel_object_form(autojump_clock):
     async with running_feed(products=("BTC-USD", "ETH-USD", "SOL-USD")) as h:
-        subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
+        status, *subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
+        # The status channel first (it names no product), then one product per message.
+        assert status == {"type": "subscribe", "channels": ["status"]}
         assert len(subscribes) == 3
         for message in subscribes:
             assert "product_ids" not in message
@@ -142,7 +144,7 @@ async def test_resubscribes_everything_after_a_dropped_connection(autojump_clock
         )
         assert h.status.reconnects == 1
         subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
-        assert len(subscribes) == 6
+        assert len(subscribes) == 8  # per connection: the status channel and 3 products
         await eventually(lambda: h.status.products["SOL-USD"].ticks == 1)
         h.slots.get("SOL-USD").take_nowait()
         h.sim.publish("SOL-USD", "151")
@@ -351,8 +353,8 @@ async def test_large_and_ignored_messages_do_not_disturb_the_frame_parser(autoju
         await eventually(lambda: h.status.products["BTC-USD"].ticks == 1)
         h.slots.get("BTC-USD").take_nowait()
         # 64-bit and 16-bit payload lengths, then a ticker right behind them.
-        h.sim.send_raw('{"type": "status", "pad": "' + "x" * 70_000 + '"}')
-        h.sim.send_raw('{"type": "status", "pad": "' + "y" * 1_000 + '"}')
+        h.sim.send_raw('{"type": "l2update", "pad": "' + "x" * 70_000 + '"}')
+        h.sim.send_raw('{"type": "l2update", "pad": "' + "y" * 1_000 + '"}')
         h.sim.publish("BTC-USD", "65003.33")
         window = await h.slots.get("BTC-USD").take()
         assert window.last == Decimal("65003.33")
