@@ -550,8 +550,10 @@ async def run(
     ``slots.get(product)``; updates ``status``. Started means: taking commands (the connection
     comes up in the background, so a down Coinbase never delays the rest of the tree). With
     ``recoveries``, every gap it finds (a subscription's first ticker past the last trade put,
-    or any at start; heartbeats ahead) is held in the slot and sent there as ``RecoverGap``. Never
-    waits on an engine; never raises for bad feed input or network failures (it reconnects).
+    or any at start; heartbeats ahead; a product trading again past the last trade put) is held in
+    the slot and sent there as ``RecoverGap``. A product Coinbase's ``status`` channel says is not
+    trading gets nothing put (``status.halted``). Never waits on an engine; never raises for bad
+    feed input or network failures (it reconnects).
     """
     feed = _Feed(config, slots, commands, status, faults, recoveries)
     async with trio.open_nursery() as nursery:
