@@ -97,7 +97,6 @@ class _Subscriptions:
         self.first_ticker_seen: set[str] = set()
         self.recycle_reason: str | None = None
         self.protocol_error = False
-        self.status_asked = False
 
 
 class _Feed:
@@ -408,7 +407,6 @@ class _Feed:
         """Bring the connection's subscriptions to the desired set, one product at a time
         (after the ``status`` channel, asked for first)."""
         if self.config.status_channel:
-            session.status_asked = True
             self.status.status_channel = "connecting"
             asked = await self.exchange(
                 session,
