@@ -12,6 +12,14 @@ connection delivered data; a subscribed product silent for ``heartbeat_timeout_s
 connection. Malformed and unknown messages are counted and skipped, never raised; a server
 that breaks the WebSocket protocol ends that connection only (counted; the feed reconnects).
 
+Halted products (issue 14): each connection first subscribes to Coinbase's ``status`` channel.
+While it says a product is not trading (``coinbase.halt_reason``), that product's tickers are
+counted (``halted_ticks``) and not put into its slot, so nothing triggers on it, and its
+heartbeats start no recovery. Once it trades again, its next ticker is handled like the first
+of a subscription: a trade-id jump past the last trade put becomes a ``Hold`` and a
+``RecoverGap``, so any real trade printed while it was halted is fetched over REST and judged,
+in order, before live windows (a halted market normally prints none, and then nothing is held).
+
 The message format is ``coinbase``, the socket ``feed_connection`` (trio-websocket), the
 reported state ``feed_status``.
 """
@@ -44,6 +52,8 @@ from tickguard.actors.window import WindowSlots
 log = logging.getLogger(__name__)
 
 MAX_REJECTED_REMEMBERED = 1000
+# Halted products remembered beyond the ones the feed watches (a status message lists all).
+MAX_HALTED_REMEMBERED = 10_000
 
 
 @attrs.frozen
@@ -64,6 +74,8 @@ class FeedConfig:
     connect_timeout_s: float = 10.0
     # None: jitter from system randomness; an int makes the backoff sequence reproducible.
     seed: int | None = None
+    # Subscribe to the ``status`` channel first on each connection (halted products, issue 14).
+    status_channel: bool = True
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
 
     def connection(self) -> ConnectionSettings:
@@ -116,6 +128,9 @@ class _Feed:
         self.last_trade_id: dict[str, int] = {}
         # Heartbeats in a row that showed a trade id ahead of the last ticker's.
         self.ahead: dict[str, int] = {}
+        # Products trading again whose first ticker since is still to come.
+        self.resumed: set[str] = set()
+        status.status_channel = "connecting" if config.status_channel else "off"
         for product in config.products:
             status.product(product)
 
@@ -270,6 +285,8 @@ class _Feed:
             self.on_ticker(session, msg, now)
         elif kind == "heartbeat":
             self.on_heartbeat(msg.product_id, msg.last_trade_id, now)  # type: ignore[arg-type]
+        elif kind == "status":
+            self.on_status(msg.products or [])
         elif kind == "subscriptions":
             session.answers_send.send_nowait(msg)
         elif kind == "error":
@@ -290,14 +307,20 @@ class _Feed:
         status.last_message_at = now
         if status.state != "live" and product in session.subscribed:
             status.state = "live"
+        if product in self.status.halted:
+            # Not trading: judged by nothing. A real trade is recovered once it trades again.
+            status.halted_ticks += 1
+            return
         last = self.last_trade_id.get(product)
-        # The first ticker of a subscription is the last trade, however old: its own window.
+        # The first ticker of a subscription (or since a halt ended) is its own window.
         first = product not in session.first_ticker_seen
         if first:
             session.first_ticker_seen.add(product)
+            how = "while halted" if product in self.resumed else "across a reconnect"
+            self.resumed.discard(product)
             if last is not None and trade_id > last + 1:
                 # Trades happened while we were away: the ticker after the ack is the last one.
-                self.report_missed(product, last, trade_id, "across a reconnect")
+                self.report_missed(product, last, trade_id, how)
             if last is None or trade_id > last + 1:
                 # Trades may have been missed (or, at start, since the durable watermark).
                 self.recover(product, last, trade_id)
@@ -317,7 +340,7 @@ class _Feed:
         if status.state == "stale":
             status.state = "live"
         last = self.last_trade_id.get(product)
-        if last is None or last_trade_id <= last:
+        if last is None or last_trade_id <= last or product in self.status.halted:
             self.ahead.pop(product, None)
             return
         # A ticker may still be on its way; more than two heartbeats ahead means it is not.
@@ -327,6 +350,35 @@ class _Feed:
             self.recover(product, last, last_trade_id + 1)
             self.last_trade_id[product] = last_trade_id
             self.ahead.pop(product, None)
+
+    def on_status(self, products: list[coinbase.ProductStatus]) -> None:
+        """Apply a ``status`` message: each product listed halts or trades from now on."""
+        halted = self.status.halted
+        for entry in products:
+            product, reason = entry.id, coinbase.halt_reason(entry)
+            if reason is None:
+                if halted.pop(product, None) is not None:
+                    self.on_resumed(product)
+            elif product not in halted:
+                watched = product in self.status.products or product in self.watched
+                if not watched and len(halted) >= MAX_HALTED_REMEMBERED:
+                    continue
+                halted[product] = reason
+                if watched:
+                    log.warning("feed: %s is not trading (%s): nothing triggers", product, reason)
+            else:
+                halted[product] = reason
+
+    def on_resumed(self, product: str) -> None:
+        """``product`` trades again: its next ticker is judged like a subscription's first
+        (alone, after recovering any trades printed since the last one put)."""
+        self.resumed.add(product)
+        self.ahead.pop(product, None)
+        session = self.session
+        if session is not None:
+            session.first_ticker_seen.discard(product)
+        if product in self.status.products:
+            log.warning("feed: %s is trading again", product)
 
     def recover(self, product: str, after: int | None, before: int) -> None:
         """Hold the product's later windows back until the recovery has delivered the trades
@@ -352,7 +404,19 @@ class _Feed:
 
     # -------------------------------------------------------------- subscriptions
     async def subscribe_loop(self, session: _Subscriptions, scope: trio.CancelScope) -> None:
-        """Bring the connection's subscriptions to the desired set, one product at a time."""
+        """Bring the connection's subscriptions to the desired set, one product at a time
+        (after the ``status`` channel, asked for first)."""
+        if self.config.status_channel:
+            self.status.status_channel = "connecting"
+            asked = await self.exchange(
+                session,
+                ("subscribe", coinbase.STATUS_CHANNEL),
+                coinbase.status_subscription(),
+                scope,
+            )
+            if asked is None:
+                return
+            self.on_status_answer(session, asked)
         while True:
             desired = self.desired()
             todo: tuple[coinbase.SubscriptionOp, str] | None = next(
@@ -370,21 +434,49 @@ class _Feed:
                 await self.changed.wait()
                 continue
             op, symbol = todo
-            session.in_flight = todo
-            try:
-                await session.ws.send(coinbase.subscription_request(op, symbol))
-            except FeedConnectionError:
-                # The reader sees the end of the connection too and ends the session.
-                scope.cancel()
-                return
-            answer: coinbase.Message | None = None
-            with trio.move_on_after(self.config.ack_timeout_s):
-                answer = await session.answers.receive()
-            session.in_flight = None
+            answer = await self.exchange(
+                session, todo, coinbase.subscription_request(op, symbol), scope
+            )
             if answer is None:
-                self.recycle(session, f"no answer to {op} {symbol}", scope)
                 return
             self.on_answer(session, op, symbol, answer)
+
+    async def exchange(
+        self,
+        session: _Subscriptions,
+        todo: tuple[coinbase.SubscriptionOp, str],
+        request: str,
+        scope: trio.CancelScope,
+    ) -> coinbase.Message | None:
+        """Send one (un)subscribe and wait for its answer (ack or refusal); None when the
+        connection is ending (it ended, or it is recycled for not answering in time)."""
+        session.in_flight = todo
+        try:
+            await session.ws.send(request)
+        except FeedConnectionError:
+            # The reader sees the end of the connection too and ends the session.
+            scope.cancel()
+            return None
+        answer: coinbase.Message | None = None
+        with trio.move_on_after(self.config.ack_timeout_s):
+            answer = await session.answers.receive()
+        session.in_flight = None
+        if answer is None:
+            op, what = todo
+            self.recycle(session, f"no answer to {op} {what}", scope)
+        return answer
+
+    def on_status_answer(self, session: _Subscriptions, answer: coinbase.Message) -> None:
+        if answer.type == "error":
+            # Without it, nothing is known halted (as before the channel was used): go on.
+            reason = answer.reason or answer.message or "rejected"
+            self.status.status_channel = f"refused: {reason}"
+            log.warning("feed: Coinbase refused the status channel: %s", reason)
+            return
+        session.subscribed = coinbase.subscribed_tickers(answer)
+        self.status.status_channel = "subscribed"
+        # A subscribed connection: whatever failed before is over.
+        self.status.last_error = None
 
     def on_answer(
         self,
@@ -456,8 +548,10 @@ async def run(
     ``slots.get(product)``; updates ``status``. Started means: taking commands (the connection
     comes up in the background, so a down Coinbase never delays the rest of the tree). With
     ``recoveries``, every gap it finds (a subscription's first ticker past the last trade put,
-    or any at start; heartbeats ahead) is held in the slot and sent there as ``RecoverGap``. Never
-    waits on an engine; never raises for bad feed input or network failures (it reconnects).
+    or any at start; heartbeats ahead; a product trading again past the last trade put) is held in
+    the slot and sent there as ``RecoverGap``. A product Coinbase's ``status`` channel says is not
+    trading gets nothing put (``status.halted``). Never waits on an engine; never raises for bad
+    feed input or network failures (it reconnects).
     """
     feed = _Feed(config, slots, commands, status, faults, recoveries)
     async with trio.open_nursery() as nursery:

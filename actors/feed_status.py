@@ -21,6 +21,9 @@ class ProductStatus:
     ticks: int = 0
     missed_trades: int = 0
     reason: str | None = None
+    # Tickers that arrived while Coinbase's status said the product was not trading: not put
+    # into its window (recovered over REST once it trades again, issue 14).
+    halted_ticks: int = 0
 
 
 class FeedStatus:
@@ -30,6 +33,11 @@ class FeedStatus:
     (DNS failure, connection refused, TLS failure, a protocol violation by the server...);
     cleared once a connection is subscribed again. ``protocol_errors`` counts connections
     ended because the server broke the WebSocket protocol (bad frames, oversized message).
+
+    ``halted`` maps each product Coinbase's ``status`` channel last said is not trading to why
+    (e.g. ``status offline, trading disabled``); a product absent from it trades.
+    ``status_channel`` is that channel's state on the current connection: ``off`` (not asked
+    for), ``connecting``, ``subscribed``, or ``refused: <Coinbase's reason>``.
     """
 
     def __init__(self) -> None:
@@ -44,6 +52,8 @@ class FeedStatus:
         self.missed_gaps = 0
         self.duplicates = 0
         self.last_error: str | None = None
+        self.halted: dict[str, str] = {}
+        self.status_channel = "off"
         # (attempt, delay) of recent backoffs, newest last.
         self.backoffs: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)
 
@@ -55,7 +65,8 @@ class FeedStatus:
         return status
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy: per product state, age of last message (s), ticks, missed, and
+        """A JSON-ready copy: per product state, age of last message (s), ticks, missed,
+        ``trading`` (``trading`` or ``halted``, with ``halt_reason`` and ``halted_ticks``) and
         ``lastError`` (the connection's) for a product that is not live."""
         now = trio.current_time()
         error = self.last_error
@@ -68,6 +79,7 @@ class FeedStatus:
             "protocol_errors": self.protocol_errors,
             "missed_trades": self.missed_trades,
             "missed_gaps": self.missed_gaps,
+            "status_channel": self.status_channel,
             **({"lastError": error} if error else {}),
             "products": {
                 symbol: {
@@ -77,12 +89,19 @@ class FeedStatus:
                     else round(now - p.last_message_at, 3),
                     "ticks": p.ticks,
                     "missed_trades": p.missed_trades,
+                    **_trading(self.halted.get(symbol), p.halted_ticks),
                     **({"reason": p.reason} if p.reason else {}),
                     **({"lastError": error} if error and p.state in _WAITING else {}),
                 }
                 for symbol, p in self.products.items()
             },
         }
+
+
+def _trading(halt_reason: str | None, halted_ticks: int) -> dict[str, Any]:
+    if halt_reason is None:
+        return {"trading": "trading", "halted_ticks": halted_ticks}
+    return {"trading": "halted", "halt_reason": halt_reason, "halted_ticks": halted_ticks}
 
 
 # States in which the connection's last error is the likely cause.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from functools import partial
 
 import pytest
 import trio
@@ -40,7 +41,9 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_feed(products=("BTC-USD",), sim_options=None, **config) -> AsyncIterator[Harness]:
+async def running_feed(
+    products=("BTC-USD",), sim_options=None, recoveries=None, **config
+) -> AsyncIterator[Harness]:
     options = {"heartbeat_interval": 1.0, **(sim_options or {})}
     async with open_simulator(PRODUCTS, **options) as sim:
         settings = {
@@ -53,7 +56,8 @@ async def running_feed(products=("BTC-USD",), sim_options=None, **config) -> Asy
         feed_config = FeedConfig(sim.url, tuple(products), **settings)
         slots, mailbox, status = WindowSlots(), Mailbox("feed"), FeedStatus()
         async with trio.open_nursery() as nursery:
-            await nursery.start(run, feed_config, slots, mailbox, status)
+            feed = partial(run, recoveries=recoveries)
+            await nursery.start(feed, feed_config, slots, mailbox, status)
             harness = Harness(sim, status, slots, mailbox)
             await eventually(lambda: all(harness.state(p) == "live" for p in products))
             yield harness
@@ -75,7 +79,9 @@ async def test_ticks_reach_the_window_slot_exactly(autojump_clock):
 
 async def test_one_product_per_subscribe_message_in_channel_object_form(autojump_clock):
     async with running_feed(products=("BTC-USD", "ETH-USD", "SOL-USD")) as h:
-        subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
+        status, *subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
+        # The status channel first (it names no product), then one product per message.
+        assert status == {"type": "subscribe", "channels": ["status"]}
         assert len(subscribes) == 3
         for message in subscribes:
             assert "product_ids" not in message
@@ -142,7 +148,7 @@ async def test_resubscribes_everything_after_a_dropped_connection(autojump_clock
         )
         assert h.status.reconnects == 1
         subscribes = [m for m in h.sim.received if m["type"] == "subscribe"]
-        assert len(subscribes) == 6
+        assert len(subscribes) == 8  # per connection: the status channel and 3 products
         await eventually(lambda: h.status.products["SOL-USD"].ticks == 1)
         h.slots.get("SOL-USD").take_nowait()
         h.sim.publish("SOL-USD", "151")
@@ -351,8 +357,8 @@ async def test_large_and_ignored_messages_do_not_disturb_the_frame_parser(autoju
         await eventually(lambda: h.status.products["BTC-USD"].ticks == 1)
         h.slots.get("BTC-USD").take_nowait()
         # 64-bit and 16-bit payload lengths, then a ticker right behind them.
-        h.sim.send_raw('{"type": "status", "pad": "' + "x" * 70_000 + '"}')
-        h.sim.send_raw('{"type": "status", "pad": "' + "y" * 1_000 + '"}')
+        h.sim.send_raw('{"type": "l2update", "pad": "' + "x" * 70_000 + '"}')
+        h.sim.send_raw('{"type": "l2update", "pad": "' + "y" * 1_000 + '"}')
         h.sim.publish("BTC-USD", "65003.33")
         window = await h.slots.get("BTC-USD").take()
         assert window.last == Decimal("65003.33")
@@ -371,3 +377,139 @@ async def test_blast_through_the_socket_loses_nothing():
         window = h.slots.get("BTC-USD").take_nowait()
         assert window is not None and window.count == 20_000
         assert (window.low, window.high, window.last) == (min(prices), max(prices), prices[-1])
+
+
+# --------------------------------------------------------------------- the status channel
+STATUS_OK = (
+    '{"type": "status", "currencies": [], "products": ['
+    '{"id": "BTC-USD", "status": "online", "trading_disabled": false, "cancel_only": false},'
+    '{"id": "ETH-USD", "status": "offline", "trading_disabled": true, "status_message": "x"},'
+    '{"id": "SOL-USD", "status": "online", "cancel_only": true, "post_only": false},'
+    '{"id": "ADA-USD", "status": "online", "trading_disabled": false, "post_only": true}]}'
+)
+MALFORMED_STATUS = (
+    '{"type": "status"}',
+    '{"type": "status", "products": "BTC-USD"}',
+    '{"type": "status", "products": [{"status": "online"}]}',
+    '{"type": "status", "products": [{"id": "BTC-USD"}]}',
+    '{"type": "status", "products": [{"id": "BTC-USD", "status": "online", '
+    '"trading_disabled": "no"}]}',
+    '{"type": "status", "products": [{"id": "", "status": "online"}]}',
+    '{"type": "status", "products": [{"id": "' + "X" * 65 + '", "status": "online"}]}',
+    '{"type": "status", "products": [{"id": 7, "status": "online"}]}',
+)
+
+
+def test_coinbase_status_message_tells_which_products_do_not_trade():
+    msg = coinbase.parse(STATUS_OK)
+    reasons = {p.id: coinbase.halt_reason(p) for p in msg.products or []}
+    assert reasons == {
+        "BTC-USD": None,
+        "ETH-USD": "status offline, trading disabled",
+        "SOL-USD": "cancel only",
+        "ADA-USD": None,  # post only restricts orders; a trade printed under it is real
+    }
+
+
+@pytest.mark.parametrize("bad", MALFORMED_STATUS)
+def test_coinbase_parse_refuses_a_status_message_the_feed_cannot_use(bad):
+    with pytest.raises(coinbase.MalformedMessage):
+        coinbase.parse(bad)
+
+
+def test_coinbase_status_subscription_names_the_channel_alone():
+    import json
+
+    assert json.loads(coinbase.status_subscription()) == {
+        "type": "subscribe",
+        "channels": ["status"],
+    }
+
+
+async def release_start_hold(h: Harness, recoveries: Mailbox) -> None:
+    """The first ticker of the process holds the slot for a start-up recovery: release it
+    (nothing recovered) and take the stale ticker behind it."""
+    await eventually(lambda: h.status.products["BTC-USD"].ticks == 1)
+    start = recoveries.receive_nowait()
+    h.slots.get("BTC-USD").release(start.hold)
+    assert h.slots.get("BTC-USD").take_nowait() is not None
+
+
+async def test_a_halted_product_puts_nothing_and_recovers_its_trades_once_it_trades(
+    autojump_clock,
+):
+    recoveries = Mailbox("recovery")
+    async with running_feed(recoveries=recoveries, sim_options={"heartbeat_interval": 0.5}) as h:
+        await release_start_hold(h, recoveries)
+        slot = h.slots.get("BTC-USD")
+        await eventually(lambda: h.status.status_channel == "subscribed")
+        before_halt = h.sim.publish("BTC-USD", "65000")
+        assert (await slot.take()).last_trade_id == before_halt
+
+        h.sim.set_trading("BTC-USD", online=False)
+        await eventually(lambda: "BTC-USD" in h.status.halted)
+        product = h.status.snapshot()["products"]["BTC-USD"]
+        assert product["trading"] == "halted" and product["state"] == "live"
+        assert product["halt_reason"] == "status offline, trading disabled"
+        # A crossing price while halted reaches no window.
+        h.sim.publish("BTC-USD", "1")
+        h.sim.publish("BTC-USD", "2")
+        await eventually(lambda: h.status.products["BTC-USD"].halted_ticks == 2)
+        assert slot.take_nowait() is None and h.status.products["BTC-USD"].ticks == 2
+        # Heartbeats run ahead of the last trade put: no recovery while halted.
+        await trio.sleep(5)
+        assert recoveries.pending() == 0 and h.status.missed_gaps == 0
+        assert h.state("BTC-USD") == "live" and h.status.reconnects == 0
+
+        h.sim.set_trading("BTC-USD", online=True)
+        await eventually(lambda: "BTC-USD" not in h.status.halted)
+        assert h.status.snapshot()["products"]["BTC-USD"]["trading"] == "trading"
+        after_resume = h.sim.publish("BTC-USD", "65002")
+        await eventually(lambda: recoveries.pending() == 1)
+        gap = recoveries.receive_nowait().hold
+        # The two halted trades are between the last put and the first after the halt.
+        assert (gap.after, gap.before) == (before_halt, after_resume)
+        assert slot.take_nowait() is None  # held until the recovery delivered them
+        slot.release(gap)
+        window = slot.take_nowait()
+        assert window is not None and window.count == 1 and window.last == Decimal("65002")
+        assert h.status.products["BTC-USD"].missed_trades == 2
+
+
+async def test_a_halt_outlives_a_reconnect_and_a_quiet_halt_holds_nothing(autojump_clock):
+    recoveries = Mailbox("recovery")
+    async with running_feed(recoveries=recoveries) as h:
+        await release_start_hold(h, recoveries)
+        slot = h.slots.get("BTC-USD")
+        last = h.sim.publish("BTC-USD", "65000")
+        assert (await slot.take()).last_trade_id == last
+        h.sim.set_trading("BTC-USD", online=False)
+        await eventually(lambda: "BTC-USD" in h.status.halted)
+        h.sim.drop_all()
+        await eventually(lambda: h.sim.stats()["connections_accepted"] == 2)
+        # The new subscription's stale ticker arrives while halted: not put.
+        await eventually(lambda: h.status.products["BTC-USD"].halted_ticks == 1)
+        assert slot.take_nowait() is None
+        h.sim.set_trading("BTC-USD", online=True)
+        await eventually(lambda: "BTC-USD" not in h.status.halted)
+        # Nothing traded while halted: the next trade follows the last one put, no hold.
+        nxt = h.sim.publish("BTC-USD", "65001")
+        window = await slot.take()
+        assert (window.first_trade_id, window.last) == (nxt, Decimal("65001"))
+        assert recoveries.pending() == 0 and h.status.missed_gaps == 0
+
+
+async def test_malformed_status_messages_are_counted_and_change_nothing(autojump_clock):
+    async with running_feed() as h:
+        await eventually(lambda: h.status.status_channel == "subscribed")
+        h.sim.set_trading("BTC-USD", online=False)
+        await eventually(lambda: "BTC-USD" in h.status.halted)
+        for bad in MALFORMED_STATUS:
+            h.sim.send_raw(bad)
+        # One of them would resume BTC-USD if it were read: it is not.
+        h.sim.send_raw('{"type": "status", "products": [{"id": "BTC-USD", "status": 1}]}')
+        await eventually(lambda: h.status.malformed == len(MALFORMED_STATUS) + 1)
+        assert "BTC-USD" in h.status.halted and h.status.reconnects == 0
+        h.sim.set_trading("BTC-USD", online=True)
+        await eventually(lambda: "BTC-USD" not in h.status.halted)
+        assert h.state("BTC-USD") == "live"

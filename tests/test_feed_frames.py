@@ -224,6 +224,9 @@ async def feed_at(url: str, **config: object) -> AsyncIterator[tuple[FeedStatus,
         "reconnect_max_s": 0.2,
         "heartbeat_timeout_s": 60.0,
         "seed": 3,
+        # These servers script one subscribe per connection: the products', not the status
+        # channel's (test_feed.py covers that one).
+        "status_channel": False,
         **config,
     }
     status, slots = FeedStatus(), WindowSlots()
@@ -411,4 +414,54 @@ async def test_an_error_inside_the_connection_block_comes_out_as_itself() -> Non
         # Not wrapped in the reader's nursery group, its cause kept.
         assert caught.value.__cause__ is cause
         await eventually(lambda: server.ended_by_client == [1], GUARD_S)
+        nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------- the status channel
+class NoStatusCoinbase:
+    """A Coinbase without the ``status`` channel: refuses its subscribe the way Coinbase
+    refuses one (an ``error``, the socket stays open), serves the ticker normally."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.refused = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, self.handle, "127.0.0.1", 0, None)
+            self.port = server.port
+            task_status.started()
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                message = json.loads(await ws.get_message())
+                if message["channels"] == ["status"]:
+                    self.refused += 1
+                    error = {
+                        "type": "error",
+                        "message": "Failed to subscribe",
+                        "reason": "status is not a valid channel",
+                    }
+                    await ws.send_message(json.dumps(error))
+                else:
+                    await ws.send_message(ACK.decode())
+                    await ws.send_message(ticker("65003", 40).decode())
+        except ConnectionClosed:
+            pass
+
+
+async def test_a_refused_status_channel_is_reported_and_the_products_still_subscribe() -> None:
+    server = NoStatusCoinbase()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        url = f"ws://127.0.0.1:{server.port}/"
+        async with feed_at(url, status_channel=True) as (status, slots):
+            product = status.product("BTC-USD")
+            await eventually(lambda: product.ticks == 1 and product.state == "live", GUARD_S)
+            assert status.status_channel == "refused: status is not a valid channel"
+            assert status.snapshot()["status_channel"] == status.status_channel
+            assert [w.last for w in windows(slots)] == [Decimal("65003")]
+            assert server.refused == 1 and status.reconnects == 0 and status.errors == 0
         nursery.cancel_scope.cancel()

@@ -10,7 +10,9 @@ view) and builds the metric families. Each app has its own ``CollectorRegistry``
 Metrics (``{label}``):
 
 - ``tickguard_feed_ticks_total{symbol}``, ``tickguard_feed_missed_trades_total{symbol}``,
-  ``tickguard_feed_product_live{symbol}`` (1 when live, else 0), ``tickguard_feed_connected``,
+  ``tickguard_feed_product_live{symbol}`` (1 when live, else 0),
+  ``tickguard_feed_product_halted{symbol}`` (1 while Coinbase's status says it is not trading:
+  nothing triggers on it), ``tickguard_feed_connected``,
   ``tickguard_feed_reconnects_total``, ``tickguard_feed_malformed_total``
 - ``tickguard_engine_window_seconds{symbol}`` (time spent judging the last window),
   ``tickguard_engine_windows_total{symbol}``, ``tickguard_positions_open{symbol}``
@@ -100,13 +102,20 @@ class TickguardCollector(Collector):
             "1 while the symbol's feed is live, 0 when connecting, stale or rejected.",
             labels=["symbol"],
         )
+        halted = GaugeMetricFamily(
+            "tickguard_feed_product_halted",
+            "1 while Coinbase's status channel says the symbol is not trading (nothing triggers).",
+            labels=["symbol"],
+        )
         for symbol, product in sorted(products.items()):
             ticks.add_metric([symbol], product.get("ticks", 0))
             missed.add_metric([symbol], product.get("missed_trades", 0))
             live.add_metric([symbol], 1 if product.get("state") == "live" else 0)
+            halted.add_metric([symbol], 1 if product.get("trading") == "halted" else 0)
         yield ticks
         yield missed
         yield live
+        yield halted
         yield GaugeMetricFamily(
             "tickguard_feed_connected",
             "1 while the Coinbase connection is up.",
