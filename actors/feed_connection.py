@@ -30,7 +30,9 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-MAX_MESSAGE_SIZE = 1 << 20
+# Coinbase's status channel sends every product and currency in one message (hundreds of KB
+# and growing); 4 MiB leaves room for it while still bounding one message.
+MAX_MESSAGE_SIZE = 4 << 20
 # Messages parsed ahead of the feed: more lets the reader task turn a whole read into
 # messages without a task switch per message; the bound keeps memory bounded (at most this
 # many messages of at most MAX_MESSAGE_SIZE each).

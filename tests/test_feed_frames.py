@@ -1,11 +1,11 @@
 """The feed's WebSocket connection against servers that misbehave, over TLS, and unreachable.
 
 The misbehaving server is a raw-socket Trio server written here on purpose: it sends frames no
-WebSocket library would (a 3 MiB message in 1 MiB fragments, a lone continuation, an unknown
-opcode, RSV bits, a data frame inside a fragmented message). Each must end that connection only:
-counted, the bad message never delivered, the feed reconnects and goes on. Real sockets, real
-clock (megabytes on the loopback while virtual time jumps would look like silence), each wait
-bounded by ``eventually``/``fail_after``.
+WebSocket library would (a message over the limit in 1 MiB fragments, a lone continuation, an
+unknown opcode, RSV bits, a data frame inside a fragmented message). Each must end that
+connection only: counted, the bad message never delivered, the feed reconnects and goes on.
+Real sockets, real clock (megabytes on the loopback while virtual time jumps would look like
+silence), each wait bounded by ``eventually``/``fail_after``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sim_fixtures import eventually
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from tickguard.actors.feed import FeedConfig, run
-from tickguard.actors.feed_connection import ConnectionSettings, open_connection
+from tickguard.actors.feed_connection import MAX_MESSAGE_SIZE, ConnectionSettings, open_connection
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.window import TickWindow, WindowSlots
@@ -72,14 +72,16 @@ def frame(payload: bytes, opcode: int = 0x1, *, fin: bool = True, rsv: int = 0) 
     return header + payload
 
 
-def three_mib_in_1_mib_fragments() -> bytes:
-    message = ticker(BAD_PRICE, 11, pad=3 * MIB - 200)
-    message += b" " * (3 * MIB - len(message))  # exactly 3 MiB of valid JSON
-    parts = [message[i : i + MIB] for i in range(0, 3 * MIB, MIB)]
-    return (
-        frame(parts[0], 0x1, fin=False)
-        + frame(parts[1], 0x0, fin=False)
-        + frame(parts[2], 0x0, fin=True)
+def over_the_limit_in_1_mib_fragments() -> bytes:
+    """Valid JSON one MiB over the feed's message limit, in 1 MiB fragments."""
+    size = MAX_MESSAGE_SIZE + MIB
+    message = ticker(BAD_PRICE, 11, pad=size - 200)
+    message += b" " * (size - len(message))
+    parts = [message[i : i + MIB] for i in range(0, size, MIB)]
+    opcodes = [0x1] + [0x0] * (len(parts) - 1)
+    return b"".join(
+        frame(part, opcode, fin=i == len(parts) - 1)
+        for i, (part, opcode) in enumerate(zip(parts, opcodes, strict=True))
     )
 
 
@@ -93,7 +95,7 @@ def text_inside_a_fragmented_message() -> bytes:
 
 
 BAD_FRAMES: dict[str, Callable[[], bytes]] = {
-    "3 MiB in three 1 MiB fragments": three_mib_in_1_mib_fragments,
+    "1 MiB over the limit, in 1 MiB fragments": over_the_limit_in_1_mib_fragments,
     "lone continuation": lambda: frame(ticker(BAD_PRICE, 11), 0x0),
     "unknown opcode 0x3": lambda: frame(ticker(BAD_PRICE, 11), 0x3),
     "unknown opcode 0xB": lambda: frame(ticker(BAD_PRICE, 11), 0xB),
@@ -263,7 +265,7 @@ async def test_a_bad_frame_ends_that_connection_only_and_the_feed_reconnects(cas
             # Subscribed again: the error that ended the first connection is no longer current.
             assert status.last_error is None
         nursery.cancel_scope.cancel()
-    if case.startswith("3 MiB"):
+    if case.startswith("1 MiB over"):
         assert server.close_codes[0] == 1009  # message too big, said so before hanging up
 
 
