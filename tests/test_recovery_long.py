@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -61,11 +62,14 @@ async def created_at(db: Database, position: dict[str, Any]) -> datetime:
     return at
 
 
+@pytest.mark.parametrize("gap_fill", ["level", "trade"])
 async def test_a_stop_crossed_in_the_middle_of_a_long_gap_closes_from_its_candle(
-    db: Database,
+    db: Database, gap_fill: str
 ) -> None:
     async with open_simulator({PRODUCT: "65000"}, heartbeat_interval=0.2) as sim:
-        async with running_service(db, sim, recovery_config=SMALL_PAGES) as service:
+        async with running_service(
+            db, sim, recovery_config=SMALL_PAGES, gap_fill=gap_fill
+        ) as service:
             await wait_until_live(service)
             crossed = await service.create(stopLoss="64990", takeProfit="66000")
             mark = await judged_with_watermark(db, service, sim)
@@ -79,7 +83,9 @@ async def test_a_stop_crossed_in_the_middle_of_a_long_gap_closes_from_its_candle
             live = trade(sim, "65010", start + timedelta(seconds=603))
             position = await until_closed(service, "alice", crossed["id"])
             assert position["closeReason"] == "stop_loss"
-            assert Decimal(str(position["closePrice"])) == Decimal("64990")  # the level
+            # The level, also under GAP_FILL=trade: a candle has no trade of its own (its
+            # low is 64950, its close 65000).
+            assert Decimal(str(position["closePrice"])) == Decimal("64990")
             # The candle's time: the start of the crossing trade's minute.
             assert position["triggeredAt"] == iso(minute_of(crossing))
             await trio.sleep(0.3)  # give a second close (a bug) the time to commit
@@ -106,6 +112,32 @@ async def test_a_stop_crossed_in_the_middle_of_a_long_gap_closes_from_its_candle
             assert saved is not None and saved.time == start + timedelta(seconds=603)
             metrics = (await service.http.get("/metrics")).text
             assert f"tickguard_recovery_candles_total {float(stats.candles)}" in metrics
+
+
+async def test_a_gap_whose_first_trades_are_no_longer_listed_is_judged_from_candles(
+    db: Database,
+) -> None:
+    """The REST history has forgotten the trades right after the watermark (Coinbase keeps
+    them all; the simulator keeps the latest only): no leading edge, candles from the
+    watermark's minute on."""
+    async with open_simulator({PRODUCT: "65000"}, heartbeat_interval=0.2) as sim:
+        async with running_service(db, sim, recovery_config=SMALL_PAGES) as service:
+            await wait_until_live(service)
+            crossed = await service.create(stopLoss="64990", takeProfit="66000")
+            await judged_with_watermark(db, service, sim)
+            start = await mark_time(db)
+            await disconnect(service, sim)
+            market = sim.products[PRODUCT]
+            market.history = deque(market.history, maxlen=150)
+            for i in range(1, 201):  # the first 51 fall out of the history
+                trade(sim, "64950" if i == 100 else "65000", start + timedelta(seconds=3 * i))
+            trade(sim, "65010", start + timedelta(seconds=603))
+            position = await until_closed(service, "alice", crossed["id"])
+            assert position["triggeredAt"] == iso(minute_of(start + timedelta(seconds=300)))
+            stats = service.tree.recovery_stats
+            assert stats.trades == 9 and stats.abandoned == 0  # the trailing edge only
+            await trio.sleep(0.3)
+            assert len(await closed_events(db, crossed["id"])) == 1
 
 
 async def test_a_position_created_during_a_candles_minute_is_not_closed_by_that_candle(
