@@ -347,16 +347,18 @@ class _Recovery:
         needed = -(-(before - after) // config.page_limit)
         pages = config.max_pages if needed <= config.max_pages else config.edge_pages
         # From the first live trade itself (its time ends the gap), back towards the watermark.
-        listed, reached = await self.trades_back(gap.symbol, after, before + 1, pages)
+        listed = await self.trades_back(gap.symbol, after, before + 1, pages)
+        if not listed:
+            raise GapNotJudged("unlisted", f"no trade before {before} is listed")
         gap.seen(listed)
         missed = [t for t in listed if after < t.trade_id < before]
-        if reached:
+        if listed[0].trade_id <= after + 1:  # every trade of the gap, in order
             if gap.start is None and missed:
                 gap.start = missed[0].time
             self.check_span(gap)
             return [trade_window(t) for t in missed]
-        # Too long to page through: what was read is the trailing edge (the first live trade
-        # when it is all there is: ``listed`` is not empty, else ``reached``).
+        # Too long to page through (or its first trades are no longer listed): what was read
+        # is the trailing edge (only the first live trade, when that is all there is).
         until = missed[0] if missed else listed[0]
         return await self.with_candles(gap, after, until, missed)
 
@@ -370,7 +372,8 @@ class _Recovery:
             self.check_span(gap)  # before reading more
         config = self.config
         cursor = min(after + config.edge_pages * config.page_limit, until.trade_id)
-        listed, unbroken = await self.trades_back(gap.symbol, after, cursor, config.edge_pages)
+        listed = await self.trades_back(gap.symbol, after, cursor, config.edge_pages)
+        unbroken = bool(listed) and listed[0].trade_id <= after + 1
         gap.seen(listed)
         lead = [t for t in listed if after < t.trade_id < until.trade_id]
         if gap.start is None:
@@ -407,23 +410,20 @@ class _Recovery:
                 "too_long", f"longer than RECOVERY_MAX_GAP_S ({self.config.max_gap_s:g} s)"
             )
 
-    async def trades_back(
-        self, symbol: str, after: int, cursor: int, pages: int
-    ) -> tuple[list[Trade], bool]:
+    async def trades_back(self, symbol: str, after: int, cursor: int, pages: int) -> list[Trade]:
         """The listed trades with ``after <= trade_id < cursor``, oldest first, paged back
-        from ``cursor`` for at most ``pages`` pages, and whether they reach back to trade
-        ``after + 1`` (or to the oldest trade listed)."""
+        from ``cursor`` until trade ``after + 1``, the oldest trade listed, or ``pages``
+        pages. They are all of them when the first is ``after + 1`` or older."""
         found: list[Trade] = []
         for _ in range(pages):
             page: list[Trade] = await self.retrying(functools.partial(self.page, symbol, cursor))
             found += [t for t in page if after <= t.trade_id < cursor]
             oldest = min((t.trade_id for t in page), default=None)
             if oldest is None or oldest <= after + 1:
-                found.sort(key=lambda t: t.trade_id)
-                return found, True
+                break
             cursor = oldest
         found.sort(key=lambda t: t.trade_id)
-        return found, False
+        return found
 
     async def page(self, symbol: str, older_than: int) -> list[Trade]:
         return parse_trades(
