@@ -48,12 +48,15 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "RATE_LIMIT_PER_ADDRESS",
     "WS_CONNECTS_PER_ADDRESS_PER_MIN",
     "GAP_FILL",
+    "RECOVERY_MAX_GAP_S",
 )
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
 # A stop crossed during a gap closes at its level, or at the first recovered trade beyond it.
 GAP_FILLS: tuple[str, ...] = ("level", "trade")
+# RECOVERY_MAX_GAP_S: at most a year (a gap that long is an outage no recovery should replay).
+_MAX_GAP_S = 366 * 86_400
 
 # A millisecond setting beyond a day is a typo (seconds written as ms twice, an extra zero...).
 _MAX_MS = 86_400_000
@@ -127,6 +130,7 @@ class Settings:
     ws_connects_per_address_per_min: int = 120
     # Market-data recovery (issue 14).
     gap_fill: str = "level"
+    recovery_max_gap_s: int = 604_800  # a longer gap is flagged and not judged (7 days)
 
     def describe_database(self) -> str:
         """Where the data lives, safe to log: the URL without its password, or the embedded
@@ -209,6 +213,9 @@ class _Reader:
             log_level=self._get("LOG_LEVEL", defaults.log_level, _choice(LOG_LEVELS)),
             log_format=self._get("LOG_FORMAT", defaults.log_format, _choice(LOG_FORMATS)),
             gap_fill=self._get("GAP_FILL", defaults.gap_fill, _choice(GAP_FILLS)),
+            recovery_max_gap_s=self._get(
+                "RECOVERY_MAX_GAP_S", defaults.recovery_max_gap_s, _gap_seconds
+            ),
         )
         settings = self._with_identity(settings, defaults)
         if base > most:
@@ -379,6 +386,10 @@ def _http_url(name: str, raw: str) -> str:
 
 def _refresh_seconds(name: str, raw: str) -> int:
     return _integer(name, raw, 1, _MAX_MS // 1000, "a whole number of seconds from 1 to 86400")
+
+
+def _gap_seconds(name: str, raw: str) -> int:
+    return _integer(name, raw, 1, _MAX_GAP_S, f"a whole number of seconds from 1 to {_MAX_GAP_S}")
 
 
 def _products(name: str, raw: str) -> tuple[str, ...]:

@@ -96,10 +96,12 @@ def build_tree(
     faults: FaultPoints | None = None,
     policy: RestartPolicy = RestartPolicy(),
     fanout_config: fanout.FanoutConfig | None = None,
+    recovery_config: recovery.RecoveryConfig | None = None,
 ) -> Tree:
     """The actors, their mailboxes and the order they start and stop in (not yet running).
 
-    ``faults`` and ``fanout_config`` are for tests (fault points; a small session queue).
+    ``faults``, ``fanout_config`` and ``recovery_config`` are for tests (fault points; a small
+    session queue; small REST pages); the recovery's URL and gap bound come from ``settings``.
     """
     from tickguard.web.app import AppServices, create_app, serve
     from tickguard.web.metrics import MetricsSources
@@ -183,7 +185,11 @@ def build_tree(
             "recovery",
             functools.partial(
                 recovery.run,
-                recovery.RecoveryConfig(settings.coinbase_rest_url),
+                attrs.evolve(
+                    recovery_config or recovery.RecoveryConfig(),
+                    rest_url=settings.coinbase_rest_url,
+                    max_gap_s=float(settings.recovery_max_gap_s),
+                ),
                 recovery_box,
                 slots,
                 functools.partial(watermarks.read, db),

@@ -304,9 +304,10 @@ class _Engine:
 def _orders(
     triggers: Iterable[Trigger], window: TickWindow, gap_fill: Literal["level", "trade"]
 ) -> list[CloseOrder]:
-    """The closes of one window's triggers, at the level; a recovered window (one trade) with
-    ``gap_fill="trade"`` closes at that trade's price, the first beyond the level."""
-    at_trade = window.recovered and gap_fill == "trade"
+    """The closes of one window's triggers, at the level; a recovered window of one trade with
+    ``gap_fill="trade"`` closes at that trade's price, the first beyond the level. A recovered
+    candle (count 0: no trade of its own, actors/recovery.py) closes at the level."""
+    at_trade = window.recovered and gap_fill == "trade" and window.count == 1
     return [
         CloseOrder(
             t.position_id,

@@ -16,6 +16,7 @@ import trio_websocket
 
 from tickguard.actors.fanout import FanoutConfig
 from tickguard.actors.faults import FaultPoints
+from tickguard.actors.recovery import RecoveryConfig
 from tickguard.actors.supervision import RestartPolicy
 from tickguard.config import Settings
 from tickguard.sim import Simulator
@@ -79,6 +80,7 @@ async def running_service(
     faults: FaultPoints | None = None,
     policy: RestartPolicy = RestartPolicy(),
     fanout_config: FanoutConfig | None = None,
+    recovery_config: RecoveryConfig | None = None,
     **settings_changes: Any,
 ) -> AsyncIterator[Service]:
     """Start the tree on ``db`` against ``sim``; stop it in order on exit."""
@@ -88,6 +90,7 @@ async def running_service(
         faults=faults,
         policy=policy,
         fanout_config=fanout_config,
+        recovery_config=recovery_config,
     )
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:

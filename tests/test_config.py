@@ -48,6 +48,7 @@ def test_defaults_match_the_design_table() -> None:
         rate_limit_per_user=20,
         rate_limit_per_address=100,
         ws_connects_per_address_per_min=120,
+        recovery_max_gap_s=604800,
     )
     assert settings.describe_database() == (
         "embedded PostgreSQL in /home/alice/.local/share/tickguard"
@@ -167,6 +168,9 @@ BAD_VALUES = [
     ("LOG_LEVEL", "verbose"),
     ("LOG_FORMAT", "xml"),
     ("GAP_FILL", "first"),
+    ("RECOVERY_MAX_GAP_S", "0"),
+    ("RECOVERY_MAX_GAP_S", "6h"),
+    ("RECOVERY_MAX_GAP_S", "31622401"),
     ("AUTH_JWKS_URL", "idp.example.com/jwks.json"),
     ("AUTH_JWKS_URL", "ftp://idp.example.com/jwks.json"),
     ("AUTH_JWKS_URL", "https:///jwks.json"),

@@ -21,7 +21,10 @@ Metrics (``{label}``):
 - ``tickguard_db_errors_total``, ``tickguard_persistence_transactions_total``
 - ``tickguard_recovery_gaps_total{outcome}`` (recovered or abandoned: flagged, not judged),
   ``tickguard_recovery_trades_total``, ``tickguard_recovery_requests_total``,
-  ``tickguard_recovery_retries_total`` (gap recovery over REST, issue 14)
+  ``tickguard_recovery_retries_total``, ``tickguard_recovery_candles_total`` (gap recovery over
+  REST, issue 14); ``tickguard_recovery_unjudged_gaps_total{symbol,reason}`` (gaps flagged and
+  not judged: ``too_long`` past RECOVERY_MAX_GAP_S, ``gave_up``, ``refused``, ``unlisted``) and
+  ``tickguard_recovery_unjudged_gap_seconds{symbol}`` (the time span of the last one)
 
 A source the app was not given (e.g. a test app without actors) is left out, not reported 0.
 """
@@ -214,6 +217,37 @@ def _recovery(stats: RecoveryStats) -> Iterator[Metric]:
         "Recovery requests that failed (429, 5xx, network, bad body) and were retried.",
         value=stats.retries,
     )
+    yield CounterMetricFamily(
+        "tickguard_recovery_candles",
+        "1-minute candles judged in gaps too long to page through in trades.",
+        value=stats.candles,
+    )
+    unjudged = CounterMetricFamily(
+        "tickguard_recovery_unjudged_gaps",
+        "Feed gaps flagged and not judged, per symbol and reason (too_long: RECOVERY_MAX_GAP_S).",
+        labels=["symbol", "reason"],
+    )
+    for (symbol, reason), count in sorted(dict(stats.unjudged_counts).items()):
+        unjudged.add_metric([symbol, reason], count)
+    yield unjudged
+    span = GaugeMetricFamily(
+        "tickguard_recovery_unjudged_gap_seconds",
+        "Time span of the symbol's last gap flagged and not judged (when known).",
+        labels=["symbol"],
+    )
+    for symbol, gap in sorted(dict(stats.unjudged).items()):
+        if gap.seconds is not None:
+            span.add_metric([symbol], gap.seconds)
+    yield span
+
+
+def recovery_report(services: AppServices) -> dict[str, Any] | None:
+    """What /ready shows of gap recovery: per symbol, the last gap flagged and not judged
+    (None when the app has no recovery)."""
+    sources = services.metrics
+    if not isinstance(sources, MetricsSources) or sources.recovery is None:
+        return None
+    return {"unjudged_gaps": sources.recovery.unjudged_report()}
 
 
 def _fanout(stats: FanoutStats) -> Iterator[Metric]:

@@ -70,6 +70,11 @@ _READY = {
         "ok": {"type": "boolean"},
         "database": {"type": "string", "enum": ["ok", "unavailable"]},
         "feed": {"type": "object", "description": "Per product: state and age of last message."},
+        "recovery": {
+            "type": "object",
+            "description": "Gap recovery: per product, the last feed gap flagged and not judged "
+            "(reason, trade ids, from/to times, seconds, count); never makes /ready fail.",
+        },
     },
 }
 

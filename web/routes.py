@@ -32,6 +32,7 @@ from tickguard.storage import DatabaseUnavailable, IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
 from tickguard.web.identity import acting_user, with_token_user
 from tickguard.web.json import json_response
+from tickguard.web.metrics import recovery_report
 from tickguard.web.schemas import (
     IDEMPOTENCY_KEY,
     LIST_BOUND,
@@ -114,12 +115,16 @@ async def health() -> Response:
 async def ready() -> Response:
     services = _services()
     feed = services.feed_status.snapshot() if services.feed_status is not None else {}
+    # Gaps flagged and not judged: reported, never a reason to be unready (nothing a restart
+    # or another instance could fix; docs/DECISIONS.md).
+    recovery = recovery_report(services)
+    extra = {} if recovery is None else {"recovery": recovery}
     try:
         await services.db.ping()
     except DatabaseUnavailable:
-        body = {"ok": False, "database": "unavailable", "feed": feed}
+        body = {"ok": False, "database": "unavailable", "feed": feed, **extra}
         return json_response(body, 503, {"Retry-After": "2"})
-    return json_response({"ok": True, "database": "ok", "feed": feed})
+    return json_response({"ok": True, "database": "ok", "feed": feed, **extra})
 
 
 def fingerprint(body: CreatePosition) -> str:
