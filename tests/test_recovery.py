@@ -126,7 +126,7 @@ async def test_a_stop_crossed_while_stopped_closes_after_the_restart(db: Databas
         sim.skip_trade_ids(
             PRODUCT, 3, prices=[Decimal("64980"), Decimal("64900"), Decimal("65020")]
         )
-        crossing = trade_time(sim, "64900")
+        crossing = trade_time(sim, "64980")  # the first trade at or below the stop
         async with running_service(db, sim) as service:
             await assert_closed_once_recovered(db, service, crossed["id"], "64990", crossing)
             stats = service.tree.recovery_stats
