@@ -28,7 +28,14 @@ from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import EXTENSION, AppServices, FeedReport, services_of
 from tickguard.web.ws import LIVE_SESSIONS, MAX_FRAME_BYTES, LiveSessions, live_sessions, ws
 
-__all__ = ["AppServices", "FeedReport", "create_app", "serve", "services_of"]
+__all__ = [
+    "AppServices",
+    "FeedReport",
+    "create_app",
+    "hypercorn_config",
+    "serve",
+    "services_of",
+]
 
 MAX_BODY_BYTES = 64 * 1024
 # Seconds between the server's WebSocket pings (keep-alive through proxies and NATs).
@@ -71,6 +78,29 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def hypercorn_config(
+    host: str,
+    port: int,
+    *,
+    ws_ping_interval: float | None = WS_PING_INTERVAL,
+    graceful_timeout: float = GRACEFUL_TIMEOUT,
+) -> Config:
+    """hypercorn's settings for ``serve`` (one worker, no access log of hypercorn's own: the
+    access line is ``web.request_ids``'). The REST benchmark's bare app uses the same."""
+    config = Config()
+    config.bind = [_bind(host, port)]
+    config.websocket_max_message_size = MAX_FRAME_BYTES
+    config.websocket_ping_interval = ws_ping_interval
+    config.graceful_timeout = graceful_timeout
+    config.backlog = LISTEN_BACKLOG  # the kernel caps it at net.core.somaxconn
+    config.accesslog = None
+    # hypercorn's own stderr handler would bypass LOG_FORMAT; its logger propagates to ours.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    # Quart enforces MAX_CONTENT_LENGTH itself (as a 413); hypercorn's limits stay above it.
+    config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, MAX_BODY_BYTES)
+    return config
+
+
 async def serve(
     app: QuartTrio,
     settings: Settings,
@@ -89,17 +119,12 @@ async def serve(
     graceful timeout is not spent waiting for them), lets requests in flight finish within
     ``graceful_timeout`` and returns.
     """
-    config = Config()
-    config.bind = [_bind(settings.host, settings.port if port is None else port)]
-    config.websocket_max_message_size = MAX_FRAME_BYTES
-    config.websocket_ping_interval = ws_ping_interval
-    config.graceful_timeout = graceful_timeout
-    config.backlog = LISTEN_BACKLOG  # the kernel caps it at net.core.somaxconn
-    config.accesslog = None
-    # hypercorn's own stderr handler would bypass LOG_FORMAT; its logger propagates to ours.
-    config.errorlog = logging.getLogger("hypercorn.error")
-    # Quart enforces MAX_CONTENT_LENGTH itself (as a 413); hypercorn's limits stay above it.
-    config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, MAX_BODY_BYTES)
+    config = hypercorn_config(
+        settings.host,
+        settings.port if port is None else port,
+        ws_ping_interval=ws_ping_interval,
+        graceful_timeout=graceful_timeout,
+    )
     sessions = live_sessions(app)
     isolation.install()  # one connection's failure must not end the server (hypercorn#225)
 
