@@ -28,7 +28,7 @@ from hypercorn.trio import serve
 from quart import Response
 from quart_trio import QuartTrio
 
-from bench.common import REPO, SERVE_READY_S, Server, free_port
+from bench.common import SERVE_READY_S, Server, free_port, python_path
 from tickguard.web.app import hypercorn_config
 
 PATH = "/bare"
@@ -88,7 +88,7 @@ async def bare_subprocess() -> AsyncIterator[Server]:
     port = free_port()
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "bench.bare", "--port", str(port)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": python_path()},
         cwd="/",
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

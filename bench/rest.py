@@ -22,6 +22,7 @@ which writes its flame graph there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -41,7 +42,6 @@ import trio
 from bench.bare import PATH as BARE_PATH
 from bench.bare import bare_subprocess
 from bench.common import (
-    REPO,
     Context,
     Figure,
     Server,
@@ -53,6 +53,7 @@ from bench.common import (
     plot_path,
     postgres_settings,
     pyplot,
+    python_path,
     serve_subprocess,
     write_result,
 )
@@ -97,6 +98,7 @@ function request()
 end
 """
 
+NAN = float("nan")  # a percentile wrk did not print (the raw output is kept in the JSON)
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
@@ -165,7 +167,7 @@ async def _profile(pid: int, seconds: int, out: str) -> trio.Process:
     py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     return await trio.lowlevel.open_process(
         [py_spy, "record", "--pid", str(pid), "--rate", "200", "--duration", str(seconds)]
-        + ["--nonblocking", "--format", "flamegraph", "-o", out],
+        + ["--format", "flamegraph", "-o", out],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -218,7 +220,7 @@ async def measure(url: str, seconds: int, rounds: int, scripts: Path) -> dict[st
                     await profiler.wait()
                     out["profiled"][route.name]["flamegraph"] = target
         async with serve_subprocess(
-            url, sim.url, module="bench.serve_unbatched", env={"PYTHONPATH": str(REPO)}
+            url, sim.url, module="bench.serve_unbatched", env={"PYTHONPATH": python_path()}
         ) as server:
             await wrk(server.base_url, 2, post, "warmu")
             out["post_unbatched"] = await wrk(server.base_url, seconds, post, "runu")
@@ -238,9 +240,9 @@ def summarise(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         summary[name] = {
             "rps": _spread([r["rps"] for r in runs]),
             "of_b": _spread([r["rps"] / b for r, b in zip(runs, bare, strict=True)]),
-            "p50_ms": _spread([r["p50_ms"] for r in runs]),
-            "p99_ms": _spread([r["p99_ms"] for r in runs]),
-            "p99_over_p50": _spread([r["p99_ms"] / r["p50_ms"] for r in runs]),
+            "p50_ms": _spread([r.get("p50_ms", NAN) for r in runs]),
+            "p99_ms": _spread([r.get("p99_ms", NAN) for r in runs]),
+            "p99_over_p50": _spread([r.get("p99_ms", NAN) / r.get("p50_ms", NAN) for r in runs]),
             "load_average": _spread([r["load_average"] for r in runs]),
         }
     return summary
@@ -266,6 +268,9 @@ def run(ctx: Context) -> Path:
             (scripts / "post.lua").write_text(POST_LUA)
             (scripts / "get.lua").write_text(GET_LUA)
             raw = trio.run(measure, url, seconds, rounds, scripts)
+    ctx.json_dir.mkdir(parents=True, exist_ok=True)
+    # The raw runs first: a summary that fails must not lose a five-minute measurement.
+    (ctx.json_dir / f"{NAME}.raw.json").write_text(json.dumps(raw, indent=1, default=str))
     summary = summarise(raw)
     raw["summary"] = summary
     b = summary["bare"]
