@@ -117,7 +117,7 @@ def parse_wrk(output: str) -> dict[str, Any]:
         "non_2xx": 0,
         "socket_errors": 0,
     }
-    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", output, re.MULTILINE):
+    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", output, re.MULTILINE):
         result[f"p{pct}_ms"] = _ms(value)
     non = re.search(r"Non-2xx or 3xx responses:\s+([0-9]+)", output)
     if non:
