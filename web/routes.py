@@ -31,7 +31,7 @@ from tickguard.actors.messages import (
 from tickguard.storage import DatabaseUnavailable, IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
 from tickguard.web.identity import acting_user, with_token_user
-from tickguard.web.json import json_response
+from tickguard.web.json import json_response, page_bytes, raw_json_response
 from tickguard.web.schemas import (
     IDEMPOTENCY_KEY,
     LIST_BOUND,
@@ -200,31 +200,28 @@ async def create_position() -> Response:
 async def list_positions() -> Response:
     services = _services()
     query = structure(ListPositionsQuery, with_token_user(request.args.to_dict()))
-    page, cursor = await reads.list_positions(
+    body, cursor = await reads.list_positions_json(
         services.db,
         acting_user(query.user_id),
         query.status,
         query.limit or LIST_BOUND,
         query.cursor,
     )
-    return _page(page, cursor)
+    return _page(body, cursor)
 
 
 @routes.get("/api/positions/closed")
 async def list_closed() -> Response:
     services = _services()
     query = structure(ListClosedQuery, with_token_user(request.args.to_dict()))
-    page, cursor = await reads.list_closed(
+    body, cursor = await reads.list_closed_json(
         services.db, acting_user(query.user_id), query.limit or LIST_BOUND, query.cursor
     )
-    return _page(page, cursor)
+    return _page(body, cursor)
 
 
-def _page(page: list[Any], cursor: str | None) -> Response:
-    body: dict[str, Any] = {"data": [position_to_json(p) for p in page]}
-    if cursor is not None:
-        body["nextCursor"] = cursor
-    return json_response(body)
+def _page(objects: str, cursor: str | None) -> Response:
+    return raw_json_response(page_bytes(objects, cursor))
 
 
 @routes.get("/api/positions/<position_id>")
