@@ -20,6 +20,7 @@ from tickguard.config import Settings
 from tickguard.web import content_type, cors, errors, identity, isolation, origin, request_ids
 from tickguard.web.dashboard import dashboard
 from tickguard.web.early_answer import EarlyAnswerClose
+from tickguard.web.health import HealthAnswer
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
@@ -70,6 +71,8 @@ def create_app(services: AppServices) -> QuartTrio:
     app.register_blueprint(openapi)
     app.register_blueprint(metrics)
     app.register_blueprint(dashboard)
+    # Liveness without the request machinery; inside request_ids, so its id and access line stay.
+    app.asgi_app = HealthAnswer(app.asgi_app, cors.policy_of(app))  # type: ignore[method-assign]
     request_ids.install(app)
     return app
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -30,6 +29,7 @@ from tickguard.actors.messages import (
 )
 from tickguard.storage import DatabaseUnavailable, IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
+from tickguard.web.health import health_body
 from tickguard.web.identity import acting_user, with_token_user
 from tickguard.web.json import json_response, page_bytes, raw_json_response
 from tickguard.web.schemas import (
@@ -46,7 +46,7 @@ from tickguard.web.schemas import (
 )
 from tickguard.web.services import AppServices, services_of
 from tickguard.web.symbols import SymbolRejected, ensure_symbol
-from tickguard.wire import iso_millis, loads, position_to_json
+from tickguard.wire import loads, position_to_json
 
 routes = Blueprint("routes", __name__)
 
@@ -105,9 +105,8 @@ def _check_bracket(body: CreatePosition, entry: Decimal) -> None:
 
 @routes.get("/health")
 async def health() -> Response:
-    return json_response(
-        {"ok": True, "service": "tickguard", "timestamp": iso_millis(datetime.now(UTC))}
-    )
+    # A plain GET is answered by web.health before it gets here; HEAD and tests' apps come here.
+    return raw_json_response(health_body())
 
 
 @routes.get("/ready")
