@@ -15,7 +15,8 @@ from web_harness import TEST_ORIGIN, make_settings, running_stack
 
 from tickguard.storage import Database
 from tickguard.web.cors import CorsPolicy
-from tickguard.web.health import HealthAnswer, health_body
+from tickguard.web.edge import Edge
+from tickguard.web.health import health_body
 from tickguard.wire import loads
 
 ORIGINS = {
@@ -99,7 +100,7 @@ async def test_health_shortcut_never_calls_the_app_for_a_plain_get() -> None:
     async def send(message: Any) -> None:
         sent.append(message)
 
-    shortcut = HealthAnswer(app, CorsPolicy((TEST_ORIGIN,)))
+    shortcut = Edge(app, CorsPolicy((TEST_ORIGIN,)))
     plain = {"type": "http", "method": "GET", "path": "/health", "headers": []}
     await shortcut(plain, receive, send)
     assert calls == [] and [m["type"] for m in sent] == [

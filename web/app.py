@@ -17,10 +17,8 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from tickguard.config import Settings
-from tickguard.web import content_type, cors, errors, identity, isolation, origin, request_ids
+from tickguard.web import content_type, cors, edge, errors, identity, isolation, origin
 from tickguard.web.dashboard import dashboard
-from tickguard.web.early_answer import EarlyAnswerClose
-from tickguard.web.health import HealthAnswer
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
@@ -71,9 +69,8 @@ def create_app(services: AppServices) -> QuartTrio:
     app.register_blueprint(openapi)
     app.register_blueprint(metrics)
     app.register_blueprint(dashboard)
-    # Liveness without the request machinery; inside request_ids, so its id and access line stay.
-    app.asgi_app = HealthAnswer(app.asgi_app, cors.policy_of(app))  # type: ignore[method-assign]
-    request_ids.install(app)
+    # Request ids, the access line, early-answer closes and the /health shortcut: one layer.
+    edge.install(app, cors.policy_of(app))
     return app
 
 
@@ -135,6 +132,5 @@ async def serve(
         await shutdown_trigger()
         sessions.close_all()
 
-    # An answer sent before the body was read must end its connection (finding 9).
-    asgi = EarlyAnswerClose(app)
-    await hypercorn_serve(asgi, config, shutdown_trigger=stop, task_status=task_status)
+    # web.edge (installed by create_app) closes a connection answered before its body was read.
+    await hypercorn_serve(app, config, shutdown_trigger=stop, task_status=task_status)
