@@ -158,7 +158,13 @@ class Route:
 
     async def run(self, seconds: int, tag: str) -> dict[str, Any]:
         args = tuple(a.replace("{tag}", tag) for a in self.args)
-        return await wrk(self.server.base_url + self.path, seconds, self.script, *args)
+        cpu = self.server.cpu_seconds()
+        result = await wrk(self.server.base_url + self.path, seconds, self.script, *args)
+        # The server's CPU time per answered request: less sensitive to what else runs on the
+        # machine than the rate (though a busy machine inflates it too).
+        used = self.server.cpu_seconds() - cpu
+        result["server_cpu_ms"] = 1000 * used / max(1, result["requests"])
+        return result
 
 
 async def _profile(pid: int, seconds: int, out: str) -> trio.Process:
@@ -232,18 +238,23 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per route over the rounds: req/s, req/s as a fraction of the same round's B, p50, p99
-    and p99/p50, each as median, min and max."""
-    bare = [r["rps"] for r in raw["runs"]["bare"]]
+    """Per route over the rounds: req/s, req/s as a fraction of the same round's B, p50, p99,
+    p99/p50, the server's CPU per request and that as a multiple of B's, each as median, min
+    and max."""
+    bare = raw["runs"]["bare"]
     summary: dict[str, dict[str, Any]] = {}
     for name, runs in raw["runs"].items():
         summary[name] = {
             "rps": _spread([r["rps"] for r in runs]),
-            "of_b": _spread([r["rps"] / b for r, b in zip(runs, bare, strict=True)]),
+            "of_b": _spread([r["rps"] / b["rps"] for r, b in zip(runs, bare, strict=True)]),
             "p50_ms": _spread([r.get("p50_ms", NAN) for r in runs]),
             "p99_ms": _spread([r.get("p99_ms", NAN) for r in runs]),
             "p99_over_p50": _spread([r.get("p99_ms", NAN) / r.get("p50_ms", NAN) for r in runs]),
             "load_average": _spread([r["load_average"] for r in runs]),
+            "server_cpu_ms": _spread([r["server_cpu_ms"] for r in runs]),
+            "cpu_over_b": _spread(
+                [r["server_cpu_ms"] / b["server_cpu_ms"] for r, b in zip(runs, bare, strict=True)]
+            ),
         }
     return summary
 
@@ -299,6 +310,21 @@ def run(ctx: Context) -> Path:
                     "x B",
                     f">= {target} B",
                     at_least(s["of_b"]["median"], target),
+                )
+            )
+        figures.append(
+            Figure(
+                f"  {name} server CPU per request {_range(s['server_cpu_ms'], '.2f')}",
+                s["server_cpu_ms"]["median"],
+                "ms",
+            )
+        )
+        if name != "bare":
+            figures.append(
+                Figure(
+                    f"    ÷ B's CPU per request {_range(s['cpu_over_b'], '.2f')}",
+                    s["cpu_over_b"]["median"],
+                    "x",
                 )
             )
         figures.append(
