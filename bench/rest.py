@@ -285,6 +285,7 @@ def run(ctx: Context) -> Path:
     summary = summarise(raw)
     raw["summary"] = summary
     b = summary["bare"]
+    loads = [r["load_average"] for rs in raw["runs"].values() for r in rs]
     figures = [
         Figure(
             f"B, bare app req/s (median of {rounds}) {_range(b['rps'], ',.0f')}",
@@ -292,8 +293,8 @@ def run(ctx: Context) -> Path:
             "req/s",
         ),
         Figure(
-            f"1-min load average at each run's start {_range(b['load_average'], '.2f')}",
-            statistics.median(r["load_average"] for rs in raw["runs"].values() for r in rs),
+            f"1-min load average at each run's start {_range(_spread(loads), '.2f')}",
+            statistics.median(loads),
             "",
         ),
     ]
@@ -370,7 +371,7 @@ def run(ctx: Context) -> Path:
             "get_users": GET_USERS,
             "positions_per_user": PER_USER,
             "b_rps": b["rps"],
-            "load_average": b["load_average"],
+            "load_average": _spread(loads),
             "wrk": subprocess.run(
                 ["wrk", "-v"], capture_output=True, text=True, check=False
             ).stdout.splitlines()[0:1],

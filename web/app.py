@@ -86,7 +86,7 @@ def hypercorn_config(
     graceful_timeout: float = GRACEFUL_TIMEOUT,
 ) -> Config:
     """hypercorn's settings for ``serve`` (one worker, no access log of hypercorn's own: the
-    access line is ``web.request_ids``'). The REST benchmark's bare app uses the same."""
+    access line is ``web.edge``'s). The REST benchmark's bare app uses the same."""
     config = Config()
     config.bind = [_bind(host, port)]
     config.websocket_max_message_size = MAX_FRAME_BYTES
