@@ -285,6 +285,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def python_path() -> str:
+    """``PYTHONPATH`` for a child that runs a module of ``bench``: this checkout first, then
+    whatever the caller's was (so a run from an exported tree keeps its own ``tickguard``)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def raise_open_files(wanted: int = 65_536) -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE toward ``wanted`` (children inherit it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

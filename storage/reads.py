@@ -1,5 +1,10 @@
 """The reads the API serves: a user's positions (paged by keyset cursors), one position, and
-the latest event ``seq`` a WebSocket session starts from. Nothing here writes."""
+the latest event ``seq`` a WebSocket session starts from. Nothing here writes.
+
+The list pages come two ways: as ``Position`` values (``list_positions``, ``list_closed``), and
+as the JSON text of the API's Position objects written by PostgreSQL (``list_positions_json``,
+``list_closed_json``, see ``rows.POSITION_JSON``), which the HTTP handlers pass through without
+decoding a row. Both take the same query, so both give the same page and cursor."""
 
 from __future__ import annotations
 
@@ -7,13 +12,14 @@ import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from tickguard.domain import (
     Position,
 )
 from tickguard.storage.db import Reader
 from tickguard.storage.errors import BadCursor
-from tickguard.storage.rows import COLUMNS, to_position
+from tickguard.storage.rows import COLUMNS, POSITION_JSON, to_position
 
 
 async def latest_seq(db: Reader, user_id: str) -> int:
@@ -57,16 +63,84 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     return moment, uuid.UUID(hex=match.group(2))
 
 
+# The page queries: ``{columns}`` is filled in with what each way selects.
+_LIST_POSITIONS = """SELECT {columns} FROM positions
+    WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+      AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+    ORDER BY created_at DESC, id DESC LIMIT $5"""
+_LIST_CLOSED = """SELECT {columns} FROM positions
+    WHERE user_id = $1 AND status = 'closed'
+      AND ($2::timestamptz IS NULL OR (closed_at, id) < ($2, $3::uuid))
+    ORDER BY closed_at DESC, id DESC LIMIT $4"""
+
+# One row for a whole page: the first ``limit`` rows' JSON objects joined by commas (NULL when
+# there is none), how many rows the query gave (``limit + 1`` when there is a next page), and
+# the keyset of the ``limit``-th row, which the next page's cursor names.
+_JSON_PAGE = """SELECT string_agg(json, ',' ORDER BY n) FILTER (WHERE n <= ${limit}) AS body,
+       count(*) AS rows,
+       (array_agg(at) FILTER (WHERE n = ${limit}))[1] AS last_at,
+       (array_agg(id) FILTER (WHERE n = ${limit}))[1] AS last_id
+  FROM ({query}) AS page"""
+
+
+def _json_page_query(query: str, order: str, limit_param: int) -> str:
+    columns = f"row_number() OVER (ORDER BY {order}) AS n, {order.split()[0]} AS at, id, " + (
+        f"{POSITION_JSON} AS json"
+    )
+    return _JSON_PAGE.format(limit=limit_param, query=query.format(columns=columns))
+
+
+_LIST_POSITIONS_JSON = _json_page_query(_LIST_POSITIONS, "created_at DESC, id DESC", 6)
+_LIST_CLOSED_JSON = _json_page_query(_LIST_CLOSED, "closed_at DESC, id DESC", 5)
+
+
+def _json_result(row: Any, limit: int) -> tuple[str, str | None]:
+    more = row["rows"] > limit
+    cursor = _encode_cursor(row["last_at"], row["last_id"]) if more and row["last_at"] else None
+    return row["body"] or "", cursor
+
+
+async def list_positions_json(
+    db: Reader, user_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[str, str | None]:
+    """``list_positions`` as the JSON text of the page's Position objects, comma-separated
+    (``""`` for an empty page), and the same next-page cursor."""
+    after = _decode_cursor(cursor) if cursor else None
+    row = await db.fetchrow(
+        _LIST_POSITIONS_JSON,
+        user_id,
+        status,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+        limit,
+    )
+    return _json_result(row, limit)
+
+
+async def list_closed_json(
+    db: Reader, user_id: str, limit: int, cursor: str | None
+) -> tuple[str, str | None]:
+    """``list_closed`` as JSON text and cursor, like ``list_positions_json``."""
+    after = _decode_cursor(cursor) if cursor else None
+    row = await db.fetchrow(
+        _LIST_CLOSED_JSON,
+        user_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+        limit,
+    )
+    return _json_result(row, limit)
+
+
 async def list_positions(
     db: Reader, user_id: str, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[Position], str | None]:
     """The user's positions, newest ``created_at`` first, and the cursor of the next page."""
     after = _decode_cursor(cursor) if cursor else None
     rows = await db.fetch(
-        f"""SELECT {COLUMNS} FROM positions
-            WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
-              AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
-            ORDER BY created_at DESC, id DESC LIMIT $5""",
+        _LIST_POSITIONS.format(columns=COLUMNS),
         user_id,
         status,
         after[0] if after else None,
@@ -84,10 +158,7 @@ async def list_closed(
     """The user's closed positions, newest ``closed_at`` first, and the next page's cursor."""
     after = _decode_cursor(cursor) if cursor else None
     rows = await db.fetch(
-        f"""SELECT {COLUMNS} FROM positions
-            WHERE user_id = $1 AND status = 'closed'
-              AND ($2::timestamptz IS NULL OR (closed_at, id) < ($2, $3::uuid))
-            ORDER BY closed_at DESC, id DESC LIMIT $4""",
+        _LIST_CLOSED.format(columns=COLUMNS),
         user_id,
         after[0] if after else None,
         after[1] if after else None,

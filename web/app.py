@@ -17,9 +17,8 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from tickguard.config import Settings
-from tickguard.web import content_type, cors, errors, identity, isolation, origin, request_ids
+from tickguard.web import content_type, cors, edge, errors, identity, isolation, origin
 from tickguard.web.dashboard import dashboard
-from tickguard.web.early_answer import EarlyAnswerClose
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
@@ -28,7 +27,14 @@ from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import EXTENSION, AppServices, FeedReport, services_of
 from tickguard.web.ws import LIVE_SESSIONS, MAX_FRAME_BYTES, LiveSessions, live_sessions, ws
 
-__all__ = ["AppServices", "FeedReport", "create_app", "serve", "services_of"]
+__all__ = [
+    "AppServices",
+    "FeedReport",
+    "create_app",
+    "hypercorn_config",
+    "serve",
+    "services_of",
+]
 
 MAX_BODY_BYTES = 64 * 1024
 # Seconds between the server's WebSocket pings (keep-alive through proxies and NATs).
@@ -63,12 +69,36 @@ def create_app(services: AppServices) -> QuartTrio:
     app.register_blueprint(openapi)
     app.register_blueprint(metrics)
     app.register_blueprint(dashboard)
-    request_ids.install(app)
+    # Request ids, the access line, early-answer closes and the /health shortcut: one layer.
+    edge.install(app, cors.policy_of(app))
     return app
 
 
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def hypercorn_config(
+    host: str,
+    port: int,
+    *,
+    ws_ping_interval: float | None = WS_PING_INTERVAL,
+    graceful_timeout: float = GRACEFUL_TIMEOUT,
+) -> Config:
+    """hypercorn's settings for ``serve`` (one worker, no access log of hypercorn's own: the
+    access line is ``web.edge``'s). The REST benchmark's bare app uses the same."""
+    config = Config()
+    config.bind = [_bind(host, port)]
+    config.websocket_max_message_size = MAX_FRAME_BYTES
+    config.websocket_ping_interval = ws_ping_interval
+    config.graceful_timeout = graceful_timeout
+    config.backlog = LISTEN_BACKLOG  # the kernel caps it at net.core.somaxconn
+    config.accesslog = None
+    # hypercorn's own stderr handler would bypass LOG_FORMAT; its logger propagates to ours.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    # Quart enforces MAX_CONTENT_LENGTH itself (as a 413); hypercorn's limits stay above it.
+    config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, MAX_BODY_BYTES)
+    return config
 
 
 async def serve(
@@ -89,17 +119,12 @@ async def serve(
     graceful timeout is not spent waiting for them), lets requests in flight finish within
     ``graceful_timeout`` and returns.
     """
-    config = Config()
-    config.bind = [_bind(settings.host, settings.port if port is None else port)]
-    config.websocket_max_message_size = MAX_FRAME_BYTES
-    config.websocket_ping_interval = ws_ping_interval
-    config.graceful_timeout = graceful_timeout
-    config.backlog = LISTEN_BACKLOG  # the kernel caps it at net.core.somaxconn
-    config.accesslog = None
-    # hypercorn's own stderr handler would bypass LOG_FORMAT; its logger propagates to ours.
-    config.errorlog = logging.getLogger("hypercorn.error")
-    # Quart enforces MAX_CONTENT_LENGTH itself (as a 413); hypercorn's limits stay above it.
-    config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, MAX_BODY_BYTES)
+    config = hypercorn_config(
+        settings.host,
+        settings.port if port is None else port,
+        ws_ping_interval=ws_ping_interval,
+        graceful_timeout=graceful_timeout,
+    )
     sessions = live_sessions(app)
     isolation.install()  # one connection's failure must not end the server (hypercorn#225)
 
@@ -107,6 +132,5 @@ async def serve(
         await shutdown_trigger()
         sessions.close_all()
 
-    # An answer sent before the body was read must end its connection (finding 9).
-    asgi = EarlyAnswerClose(app)
-    await hypercorn_serve(asgi, config, shutdown_trigger=stop, task_status=task_status)
+    # web.edge (installed by create_app) closes a connection answered before its body was read.
+    await hypercorn_serve(app, config, shutdown_trigger=stop, task_status=task_status)

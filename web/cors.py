@@ -14,19 +14,47 @@ ALLOWED_METHODS = "GET, POST, PATCH, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
 EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed, X-Request-Id, X-Feed-Status, WWW-Authenticate"
 PREFLIGHT_MAX_AGE = "600"
+EXTENSION = "tickguard.cors"
+
+
+class CorsPolicy:
+    """The CORS answer for one ``CORS_ORIGIN`` setting (lower-case origins, or ``("*",)``)."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.any_origin = "*" in origins
+        self.allowed = frozenset(origins)
+
+    def allow_origin(self, origin: str | None) -> str | None:
+        """The ``Access-Control-Allow-Origin`` value for a request's ``Origin`` (None: none)."""
+        if origin is None:
+            return None
+        if self.any_origin:
+            return "*"
+        return origin if origin.lower() in self.allowed else None
+
+    def raw_headers(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+        """The headers ``install``'s hook adds to a non-``OPTIONS`` response, as ASGI header
+        pairs in the same order (for an answer written without a Quart ``Response``)."""
+        headers: list[tuple[bytes, bytes]] = []
+        if not self.any_origin:
+            headers.append((b"vary", b"Origin"))
+        allowed = self.allow_origin(None if origin is None else origin.decode("latin-1"))
+        if allowed is not None:
+            headers.append((b"access-control-allow-origin", allowed.encode("latin-1")))
+            headers.append((b"access-control-expose-headers", EXPOSED_HEADERS.encode()))
+        return headers
+
+
+def policy_of(app: QuartTrio) -> CorsPolicy:
+    """The ``CorsPolicy`` that ``install`` stored in ``app``."""
+    policy: CorsPolicy = app.extensions[EXTENSION]
+    return policy
 
 
 def install(app: QuartTrio, origins: tuple[str, ...]) -> None:
     """Answer preflights and add CORS headers for ``origins`` (lower-case, or ``("*",)``)."""
-    any_origin = "*" in origins
-    allowed = frozenset(origins)
-
-    def allow_origin(origin: str | None) -> str | None:
-        if origin is None:
-            return None
-        if any_origin:
-            return "*"
-        return origin if origin.lower() in allowed else None
+    policy = CorsPolicy(origins)
+    app.extensions[EXTENSION] = policy
 
     @app.before_request
     async def _preflight() -> Response | None:
@@ -40,8 +68,8 @@ def install(app: QuartTrio, origins: tuple[str, ...]) -> None:
 
     @app.after_request
     async def _headers(response: Response) -> Response:
-        origin = allow_origin(request.headers.get("Origin"))
-        if not any_origin:
+        origin = policy.allow_origin(request.headers.get("Origin"))
+        if not policy.any_origin:
             response.vary.add("Origin")
         if origin is None:
             return response

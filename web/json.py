@@ -25,3 +25,16 @@ class WireJSONProvider(DefaultJSONProvider):
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response written with ``wire.dumps``."""
     return Response(dumps(body), status=status, headers=headers, content_type="application/json")
+
+
+def page_bytes(objects: str, cursor: str | None) -> bytes:
+    """``{"data":[...]}`` (and ``"nextCursor"``) around Position objects already written as
+    JSON text by PostgreSQL (``storage.reads.list_positions_json``): byte for byte what
+    ``dumps`` writes for the same page, without decoding a row."""
+    tail = b"]}" if cursor is None else b'],"nextCursor":' + dumps(cursor) + b"}"
+    return b'{"data":[' + objects.encode() + tail
+
+
+def raw_json_response(body: bytes, status: int = 200) -> Response:
+    """A response whose JSON ``body`` is already written (by ``wire`` or by PostgreSQL)."""
+    return Response(body, status=status, content_type="application/json")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -30,8 +29,9 @@ from tickguard.actors.messages import (
 )
 from tickguard.storage import DatabaseUnavailable, IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
+from tickguard.web.health import health_body
 from tickguard.web.identity import acting_user, with_token_user
-from tickguard.web.json import json_response
+from tickguard.web.json import json_response, page_bytes, raw_json_response
 from tickguard.web.metrics import recovery_report
 from tickguard.web.schemas import (
     IDEMPOTENCY_KEY,
@@ -47,7 +47,7 @@ from tickguard.web.schemas import (
 )
 from tickguard.web.services import AppServices, services_of
 from tickguard.web.symbols import SymbolRejected, ensure_symbol
-from tickguard.wire import iso_millis, loads, position_to_json
+from tickguard.wire import loads, position_to_json
 
 routes = Blueprint("routes", __name__)
 
@@ -106,9 +106,8 @@ def _check_bracket(body: CreatePosition, entry: Decimal) -> None:
 
 @routes.get("/health")
 async def health() -> Response:
-    return json_response(
-        {"ok": True, "service": "tickguard", "timestamp": iso_millis(datetime.now(UTC))}
-    )
+    # A plain GET is answered by web.health before it gets here; HEAD and tests' apps come here.
+    return raw_json_response(health_body())
 
 
 @routes.get("/ready")
@@ -205,31 +204,28 @@ async def create_position() -> Response:
 async def list_positions() -> Response:
     services = _services()
     query = structure(ListPositionsQuery, with_token_user(request.args.to_dict()))
-    page, cursor = await reads.list_positions(
+    body, cursor = await reads.list_positions_json(
         services.db,
         acting_user(query.user_id),
         query.status,
         query.limit or LIST_BOUND,
         query.cursor,
     )
-    return _page(page, cursor)
+    return _page(body, cursor)
 
 
 @routes.get("/api/positions/closed")
 async def list_closed() -> Response:
     services = _services()
     query = structure(ListClosedQuery, with_token_user(request.args.to_dict()))
-    page, cursor = await reads.list_closed(
+    body, cursor = await reads.list_closed_json(
         services.db, acting_user(query.user_id), query.limit or LIST_BOUND, query.cursor
     )
-    return _page(page, cursor)
+    return _page(body, cursor)
 
 
-def _page(page: list[Any], cursor: str | None) -> Response:
-    body: dict[str, Any] = {"data": [position_to_json(p) for p in page]}
-    if cursor is not None:
-        body["nextCursor"] = cursor
-    return json_response(body)
+def _page(objects: str, cursor: str | None) -> Response:
+    return raw_json_response(page_bytes(objects, cursor))
 
 
 @routes.get("/api/positions/<position_id>")
