@@ -70,7 +70,7 @@ def create_app(services: AppServices) -> QuartTrio:
     app.register_blueprint(metrics)
     app.register_blueprint(dashboard)
     # Request ids, the access line, early-answer closes and the /health shortcut: one layer.
-    edge.install(app, cors.policy_of(app))
+    edge.install(app)
     return app
 
 

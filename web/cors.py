@@ -14,7 +14,6 @@ ALLOWED_METHODS = "GET, POST, PATCH, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
 EXPOSED_HEADERS = "Retry-After, Idempotent-Replayed, X-Request-Id, X-Feed-Status, WWW-Authenticate"
 PREFLIGHT_MAX_AGE = "600"
-EXTENSION = "tickguard.cors"
 
 
 class CorsPolicy:
@@ -32,29 +31,10 @@ class CorsPolicy:
             return "*"
         return origin if origin.lower() in self.allowed else None
 
-    def raw_headers(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
-        """The headers ``install``'s hook adds to a non-``OPTIONS`` response, as ASGI header
-        pairs in the same order (for an answer written without a Quart ``Response``)."""
-        headers: list[tuple[bytes, bytes]] = []
-        if not self.any_origin:
-            headers.append((b"vary", b"Origin"))
-        allowed = self.allow_origin(None if origin is None else origin.decode("latin-1"))
-        if allowed is not None:
-            headers.append((b"access-control-allow-origin", allowed.encode("latin-1")))
-            headers.append((b"access-control-expose-headers", EXPOSED_HEADERS.encode()))
-        return headers
-
-
-def policy_of(app: QuartTrio) -> CorsPolicy:
-    """The ``CorsPolicy`` that ``install`` stored in ``app``."""
-    policy: CorsPolicy = app.extensions[EXTENSION]
-    return policy
-
 
 def install(app: QuartTrio, origins: tuple[str, ...]) -> None:
     """Answer preflights and add CORS headers for ``origins`` (lower-case, or ``("*",)``)."""
     policy = CorsPolicy(origins)
-    app.extensions[EXTENSION] = policy
 
     @app.before_request
     async def _preflight() -> Response | None:

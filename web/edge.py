@@ -1,6 +1,6 @@
-"""The one ASGI layer around the app: request ids, the access line, early-answer closes and
-the ``/health`` shortcut, in a single wrapper (issue 16: every layer costs each request a
-coroutine and a wrapped ``send``; these three were separate).
+"""The one ASGI layer around the app: request ids, the access line and early-answer closes, in
+a single wrapper (issue 16: every layer costs each request a coroutine and a wrapped ``send``;
+these three were separate).
 
 For each HTTP request and WebSocket session ``Edge``:
 
@@ -11,9 +11,12 @@ For each HTTP request and WebSocket session ``Edge``:
   (method, path, status, duration);
 - for plain HTTP, applies ``web.early_answer``'s rules: a response that starts before the
   request body was complete says ``Connection: close``, and the final part of every response
-  is sent shielded from cancellation (bounded by ``FINISH_S``);
-- answers a plain ``GET /health`` without a body itself (``web.health``), with the headers the
-  route's response has, so that liveness costs no request context, route lookup or hooks.
+  is sent shielded from cancellation (bounded by ``FINISH_S``).
+
+Every request, ``/health`` included, is answered by the app (Quart's routing and hooks): an
+answer written here, below the framework, was measured (``/health`` above B, the bare
+framework's rate) and dropped, since the design card has Quart do the routing
+(docs/DECISIONS.md).
 
 Lifespan scopes pass through untouched; WebSocket scopes get only the request id.
 """
@@ -35,8 +38,6 @@ from hypercorn.typing import (
 from quart import Quart
 
 from tickguard.logs import REQUEST_ID
-from tickguard.web import health
-from tickguard.web.cors import CorsPolicy
 from tickguard.web.early_answer import FINISH_S, EarlyAnswers, has_body
 from tickguard.web.request_ids import access_log, new_request_id, request_id_from
 
@@ -47,9 +48,8 @@ _CONNECTION_CLOSE = (b"connection", b"close")
 class Edge:
     """Wraps an ASGI app; see the module docstring."""
 
-    def __init__(self, app: Any, cors: CorsPolicy) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.cors = cors
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -81,14 +81,6 @@ class Edge:
         complete = not has_body(headers)
         echo = (_HEADER_KEY, request_id.encode("ascii"))
         try:
-            if complete and scope["path"] == health.PATH and scope["method"] == "GET":
-                status = 200
-                body = health.health_body()
-                answer = health.response_headers(body, self.cors, headers)
-                answer.append(echo)
-                await send({"type": "http.response.start", "status": 200, "headers": answer})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
 
             async def tracked_receive() -> ASGIReceiveEvent:
                 nonlocal complete
@@ -139,6 +131,6 @@ class Edge:
             )
 
 
-def install(app: Quart, cors: CorsPolicy) -> None:
+def install(app: Quart) -> None:
     """Wrap ``app``'s ASGI entry point with ``Edge`` (call once, last, in ``create_app``)."""
-    app.asgi_app = Edge(app.asgi_app, cors)  # type: ignore[method-assign]
+    app.asgi_app = Edge(app.asgi_app)  # type: ignore[method-assign]
