@@ -77,6 +77,10 @@ class RecoveryConfig:
     retry_max_s: float = 10.0
     request_timeout_s: float = 10.0
     give_up_s: float = 120.0  # one gap's recovery, retries included
+    # Coinbase's public endpoints allow about 10 requests/s per address (bursts of 15): the
+    # recovery stays under it, with a burst for the usual short gap's few requests.
+    rest_rate_per_s: float = 8.0
+    rest_burst: int = 8
     seed: int | None = None  # reproducible backoff jitter in tests
 
 
@@ -262,6 +266,29 @@ def candle_window(candle: Candle, trade_id: int) -> TickWindow:
     )
 
 
+class RequestPacer:
+    """A token bucket: at most ``burst`` requests at once, then ``rate_per_s`` on average."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.interval = 1.0 / rate_per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp: float | None = None
+
+    async def wait(self) -> None:
+        """Take one token, sleeping until one is there."""
+        now = trio.current_time()
+        if self._stamp is not None:
+            refill = (now - self._stamp) / self.interval
+            self._tokens = min(float(self.burst), self._tokens + refill)
+        self._stamp = now
+        if self._tokens < 1.0:
+            await trio.sleep((1.0 - self._tokens) * self.interval)
+            self._stamp = trio.current_time()
+            self._tokens = 1.0
+        self._tokens -= 1.0
+
+
 class _Recovery:
     def __init__(
         self,
@@ -277,6 +304,7 @@ class _Recovery:
         self.read_watermark = read_watermark
         self.stats = stats
         self.rng = random.Random(config.seed)
+        self.pacer = RequestPacer(config.rest_rate_per_s, config.rest_burst)
 
     async def handle(self, request: RecoverGap) -> None:
         """Recover one gap; the hold is released whatever happens (cancellation included)."""
@@ -392,7 +420,7 @@ class _Recovery:
         minutes: dict[datetime, Candle] = {}
         for start, end in candles.ranges(since, until.time):
             found = await self.retrying(
-                functools.partial(candles.fetch, self.client, gap.symbol, start, end)
+                functools.partial(self.fetch_candles, gap.symbol, start, end)
             )
             minutes.update((c.start, c) for c in found)
         return [
@@ -425,7 +453,12 @@ class _Recovery:
         found.sort(key=lambda t: t.trade_id)
         return found
 
+    async def fetch_candles(self, symbol: str, start: datetime, end: datetime) -> list[Candle]:
+        await self.pacer.wait()
+        return await candles.fetch(self.client, symbol, start, end)
+
     async def page(self, symbol: str, older_than: int) -> list[Trade]:
+        await self.pacer.wait()
         return parse_trades(
             await fetch_page(self.client, symbol, older_than, self.config.page_limit)
         )

@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from service_harness import Service, running_service, wait_until_live
 from sim_fixtures import eventually
 from test_recovery import closed_events, iso, judged_with_watermark, until_closed
 
 from tickguard.actors.candles import CandlesUnreadable, minute_of, parse_candles, ranges
-from tickguard.actors.recovery import RecoveryConfig
+from tickguard.actors.recovery import RecoveryConfig, RequestPacer
 from tickguard.sim import Simulator, open_simulator
 from tickguard.sim.rest_faults import RestFault
 from tickguard.storage import Database, watermarks
@@ -310,3 +311,26 @@ def test_candles_parse_exactly_to_decimal_and_refuse_bad_rows() -> None:
     ):
         with pytest.raises(CandlesUnreadable):
             parse_candles(bad)
+
+
+def test_rest_requests_are_paced_under_coinbases_public_limit() -> None:
+    """The recovery's REST reads: a burst of ``rest_burst``, then one per ``1/rate`` seconds,
+    and an idle spell refills the bucket (MockClock: the times are exact)."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def paced() -> list[float]:
+        pacer = RequestPacer(rate_per_s=8.0, burst=4)
+        times = []
+        for _ in range(8):
+            await pacer.wait()
+            times.append(trio.current_time())
+        await trio.sleep(10)  # idle: the bucket fills up again, no further
+        for _ in range(5):
+            await pacer.wait()
+            times.append(trio.current_time())
+        return [round(t - times[0], 6) for t in times]
+
+    times = trio.run(paced, clock=clock)
+    assert times[:8] == [0, 0, 0, 0, 0.125, 0.25, 0.375, 0.5]
+    after_idle = times[8]
+    assert times[8:] == [after_idle] * 4 + [round(after_idle + 0.125, 6)]
