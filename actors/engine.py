@@ -315,6 +315,7 @@ def _orders(
             reason=t.reason,
             triggered_at=window.last_time,
             recovered=window.recovered,
+            trade_id=window.last_trade_id,
         )
         for t in triggers
     ]
