@@ -263,8 +263,9 @@ ROUTES: tuple[RouteDoc, ...] = (
         "/ws",
         "WebSocket upgrade: the user's events (see API.md). Query: userId; since (an integer "
         ">= 0: first replay the logged events after it; connection.ready then carries "
-        "replayComplete). Close codes: 1008 bad userId or since, 1009 frame over 64 KiB, 1013 slow consumer, 1012 gateway restarting, "
-        "1001 shutting down, 1011 database unavailable.",
+        "replayComplete). Close codes: 1008 bad userId or since, 1009 frame over 64 KiB, "
+        "1013 slow consumer, 1012 gateway restarting, 1001 shutting down, 1011 database "
+        "unavailable.",
         (101, "Switching protocols.", _ANY_OBJECT),
         {426: "A plain HTTP request (no WebSocket upgrade)."},
         query=schemas.UserQuery,
