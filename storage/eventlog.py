@@ -105,14 +105,16 @@ async def prune_closed(db: Database, older_than: timedelta, *, limit: int = 10_0
     how many were deleted (call again while it returns ``limit``).
 
     A position's events go together, only once it is closed (an open position's never), and
-    only events already published (the outbox's unpublished rows are never touched).
+    only once all of them were published (the outbox still needs an unpublished one). A
+    statement's ``limit`` may split one position's events over two calls.
     """
     deleted = await db.fetchval(
         """WITH gone AS (
              DELETE FROM events WHERE id IN (
                SELECT e.id FROM events e JOIN positions p ON p.id = e.position_id
                 WHERE p.status = 'closed' AND p.closed_at < now() - $1::interval
-                  AND e.published_at IS NOT NULL
+                  AND NOT EXISTS (SELECT 1 FROM events u
+                                   WHERE u.position_id = p.id AND u.published_at IS NULL)
                 LIMIT $2)
              RETURNING 1)
            SELECT count(*) FROM gone""",
