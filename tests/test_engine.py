@@ -198,9 +198,12 @@ async def test_loads_at_start_and_sends_a_window_s_triggers_as_one_batch(autojum
         assert ids(request) == {p.id for p in [*falling, short_tp]}
         by_id = {o.position_id: o for o in request.orders}
         for p in falling:
-            assert by_id[p.id] == CloseOrder(p.id, Decimal("90"), "stop_loss", triggered_at=at(2))
+            # The window's last trade (id 2) is recorded as the close's trade (issue 17).
+            assert by_id[p.id] == CloseOrder(
+                p.id, Decimal("90"), "stop_loss", triggered_at=at(2), trade_id=2
+            )
         assert by_id[short_tp.id] == CloseOrder(
-            short_tp.id, Decimal("89"), "take_profit", triggered_at=at(2)
+            short_tp.id, Decimal("89"), "take_profit", triggered_at=at(2), trade_id=2
         )
         await until(lambda: h.stats.closes_confirmed == 4)
         assert (h.stats.stop_losses, h.stats.take_profits, h.stats.positions_open) == (3, 1, 1)
@@ -379,7 +382,9 @@ async def test_track_judges_the_pending_window_before_inserting(autojump_clock) 
             assert h.stats.stop_losses == 0
             h.tick("90", 12)
             _, request = await h.db.next_request()
-            assert request.orders == (CloseOrder(p.id, Decimal("90"), "stop_loss", None, at(12)),)
+            assert request.orders == (
+                CloseOrder(p.id, Decimal("90"), "stop_loss", None, at(12), trade_id=12),
+            )
 
 
 async def test_a_trade_older_than_the_position_never_closes_it(autojump_clock) -> None:
@@ -455,7 +460,9 @@ async def test_stopping_hands_over_unanswered_closes(autojump_clock) -> None:
         engine_scope.cancel()
     handed = db.mailbox.receive_nowait()
     assert handed.reply is None and handed.source == "engine"
-    assert handed.orders == (CloseOrder(a.id, Decimal("90"), "stop_loss", None, at(1)),)
+    assert handed.orders == (
+        CloseOrder(a.id, Decimal("90"), "stop_loss", None, at(1), trade_id=1),
+    )
     assert h.stats.handed_over == 1 and h.stats.closes_pending == 0
     with pytest.raises(trio.WouldBlock):
         db.mailbox.receive_nowait()

@@ -57,8 +57,9 @@ async def _close(db: Database, pid: uuid.UUID, **order: Any) -> None:
 async def _age(db: Database, pid: uuid.UUID, by: timedelta = OLD) -> None:
     """Make a position (and its events) look ``by`` older: as if it had lived back then."""
     await db.execute(
-        """UPDATE positions SET created_at = created_at - $2::interval, updated_at = updated_at - $2::interval,
-                  closed_at = closed_at - $2::interval WHERE id = $1""",
+        """UPDATE positions SET created_at = created_at - $2::interval,
+                  updated_at = updated_at - $2::interval, closed_at = closed_at - $2::interval
+            WHERE id = $1""",
         pid,
         by,
     )
@@ -349,7 +350,10 @@ async def test_replay_with_events_committed_meanwhile_has_no_gap_and_no_duplicat
     monkeypatch.setattr(ws_module, "REPLAY_PAGE", 3)  # many pages, so creates land between them
     before, during, creators = 300, 100, 4
     unlimited = make_settings(rate_limit_per_user=0, rate_limit_per_address=0)
-    async with running_stack(db, settings=unlimited) as stack, httpx.AsyncClient(base_url=stack.base_url) as client:
+    async with (
+        running_stack(db, settings=unlimited) as stack,
+        httpx.AsyncClient(base_url=stack.base_url) as client,
+    ):
         await _create(db, n=before)
         seqs: list[int] = []
         with trio.fail_after(GUARD * 2):
