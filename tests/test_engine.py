@@ -460,9 +460,7 @@ async def test_stopping_hands_over_unanswered_closes(autojump_clock) -> None:
         engine_scope.cancel()
     handed = db.mailbox.receive_nowait()
     assert handed.reply is None and handed.source == "engine"
-    assert handed.orders == (
-        CloseOrder(a.id, Decimal("90"), "stop_loss", None, at(1), trade_id=1),
-    )
+    assert handed.orders == (CloseOrder(a.id, Decimal("90"), "stop_loss", None, at(1), trade_id=1),)
     assert h.stats.handed_over == 1 and h.stats.closes_pending == 0
     with pytest.raises(trio.WouldBlock):
         db.mailbox.receive_nowait()
