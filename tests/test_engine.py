@@ -23,6 +23,7 @@ import trio.testing
 from positions_factory import open_position
 
 from tickguard.actors import engine
+from tickguard.actors.candles import Candle
 from tickguard.actors.engine import EngineConfig, EngineStats
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox
 from tickguard.actors.messages import (
@@ -36,7 +37,9 @@ from tickguard.actors.messages import (
     Untrack,
     Watermark,
 )
-from tickguard.actors.window import WindowSlot
+from tickguard.actors.recovery import Trade, candle_window, trade_window
+from tickguard.actors.triggers import Trigger
+from tickguard.actors.window import TickWindow, WindowSlot
 
 SYMBOL = "BTC-USD"
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -578,3 +581,15 @@ async def test_a_position_tracked_during_a_recovery_joins_after_the_held_windows
         assert h.stats.positions_open == 2 and h.db.rows[late.id].status == "open"
         h.tick("89", 9)  # after it existed: closes it
         await until(lambda: h.db.rows[late.id].status == "closed")
+
+
+def test_a_close_records_its_windows_trade_but_a_candles_none() -> None:
+    """The event log's ``trade_id`` (issue 17): a window's last trade; none for a candle."""
+    trigger = Trigger(uuid.uuid4(), "alice", "stop_loss", Decimal("90"))
+    live = TickWindow.of(Decimal("86"), 76, at(1)).merge(Decimal("85"), 77, at(1))
+    assert [o.trade_id for o in engine._orders([trigger], live, "level")] == [77]
+    recovered = trade_window(Trade(78, Decimal("84"), at(2)))
+    assert [o.trade_id for o in engine._orders([trigger], recovered, "trade")] == [78]
+    minute = Candle(at(60), Decimal("80"), Decimal("95"), Decimal("85"))
+    candle = candle_window(minute, 78)
+    assert [o.trade_id for o in engine._orders([trigger], candle, "level")] == [None]
