@@ -419,6 +419,34 @@ async def test_a_pruned_log_says_the_replay_is_incomplete(db: Database) -> None:
             assert (await _message(ws))["seq"] == 4
 
 
+async def test_an_event_pruned_during_a_complete_replay_closes_1013(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = await _create(db, n=4)  # seqs 1-4
+    await _close(db, ids[2])  # seq 5
+    await _age(db, ids[2])
+    real = ws_module.user_events_after
+    pages: list[int] = []
+
+    async def prune_after_the_first_page(*args: Any, **kwargs: Any) -> Any:
+        page = await real(*args, **kwargs)
+        if not pages:  # retention runs between the count and the next page
+            assert await prune_closed(db, RETENTION) == 2  # seqs 3 and 5
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(ws_module, "REPLAY_PAGE", 2)
+    monkeypatch.setattr(ws_module, "user_events_after", prune_after_the_first_page)
+    async with running_stack(db) as stack:
+        async with open_websocket_url(_since_url(stack, "alice", "0")) as ws:
+            assert (await _message(ws))["replayComplete"] is True
+            assert [(await _message(ws))["seq"] for _ in range(2)] == [1, 2]
+            # Seq 3 is gone: the session ends rather than skip it silently.
+            assert await _closed_with(ws) == (1013, "event log pruned during replay: resume")
+        async with open_websocket_url(_since_url(stack, "alice", "2")) as ws:
+            assert (await _message(ws))["replayComplete"] is False
+
+
 # --- GET /api/positions/{id}/events -----------------------------------------------------------
 
 
