@@ -20,7 +20,7 @@ Close codes: 1008 without a valid ``userId``, or with a ``since`` that is not an
 is above the latest seq; 1009 for a frame over 64 KiB (hypercorn
 enforces it, this checks again); 1013 when fanout dropped the session as a slow consumer;
 1012 when fanout restarts; 1001 when the server shuts down; 1011 when the database cannot
-give the starting seq.
+give the starting seq (or the replay).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from quart_trio import QuartTrio
 
 from tickguard.actors.messages import Join, Leave
 from tickguard.actors.session_queue import SessionClosed, SessionQueue
-from tickguard.storage import DatabaseUnavailable, ReadOnlyDatabase
+from tickguard.storage import DatabaseUnavailable
+from tickguard.storage.db import Reader
 from tickguard.storage.eventlog import count_user_events, user_events_after
 from tickguard.web.auth import WS_BEARER_PROTOCOL
 from tickguard.web.errors import ApiError
@@ -154,6 +155,7 @@ async def events() -> None:
             "message": "realtime channel established",
             "seq": seq,
         }
+        complete = True
         if since is not None:
             if since > seq:
                 stats.rejected += 1
@@ -165,14 +167,15 @@ async def events() -> None:
                 log.warning("no replay count for a WebSocket session: %s", exc)
                 await websocket.close(INTERNAL_ERROR, "database unavailable")
                 return
-            ready["replayComplete"] = found == seq - since
+            complete = found == seq - since
+            ready["replayComplete"] = complete
         await websocket.send(dumps(ready).decode())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_listen, session, services.ws_stats)
             if identity is not None:
                 nursery.start_soon(_expire, session, identity.exp)
             if since is not None:
-                await _replay(session, services.db, since, seq, bool(ready["replayComplete"]))
+                await _replay(session, services.db, since, seq, complete)
             await _forward(session)
             nursery.cancel_scope.cancel()
     finally:
@@ -193,7 +196,7 @@ async def _expire(session: SessionQueue, exp: float) -> None:
 
 
 async def _replay(
-    session: SessionQueue, db: ReadOnlyDatabase, since: int, through: int, complete: bool
+    session: SessionQueue, db: Reader, since: int, through: int, complete: bool
 ) -> None:
     """Send the user's logged events with ``since < seq <= through``, in order, a page at a
     time, while fanout queues live ones (``seq > through``) behind them. Closes the session
