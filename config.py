@@ -49,6 +49,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "WS_CONNECTS_PER_ADDRESS_PER_MIN",
     "GAP_FILL",
     "RECOVERY_MAX_GAP_S",
+    "EVENT_RETENTION_DAYS",
 )
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
@@ -131,6 +132,8 @@ class Settings:
     # Market-data recovery (issue 14).
     gap_fill: str = "level"
     recovery_max_gap_s: int = 604_800  # a longer gap is flagged and not judged (7 days)
+    # Event log (issue 17): events of positions closed longer ago may be pruned; 0 = keep all.
+    event_retention_days: int = 30
 
     def describe_database(self) -> str:
         """Where the data lives, safe to log: the URL without its password, or the embedded
@@ -215,6 +218,9 @@ class _Reader:
             gap_fill=self._get("GAP_FILL", defaults.gap_fill, _choice(GAP_FILLS)),
             recovery_max_gap_s=self._get(
                 "RECOVERY_MAX_GAP_S", defaults.recovery_max_gap_s, _gap_seconds
+            ),
+            event_retention_days=self._get(
+                "EVENT_RETENTION_DAYS", defaults.event_retention_days, _retention_days
             ),
         )
         settings = self._with_identity(settings, defaults)
@@ -390,6 +396,14 @@ def _refresh_seconds(name: str, raw: str) -> int:
 
 def _gap_seconds(name: str, raw: str) -> int:
     return _integer(name, raw, 1, _MAX_GAP_S, f"a whole number of seconds from 1 to {_MAX_GAP_S}")
+
+
+_MAX_RETENTION_DAYS = 36_500
+
+
+def _retention_days(name: str, raw: str) -> int:
+    what = f"a whole number of days from 0 (keep forever) to {_MAX_RETENTION_DAYS}"
+    return _integer(name, raw, 0, _MAX_RETENTION_DAYS, what)
 
 
 def _products(name: str, raw: str) -> tuple[str, ...]:

@@ -64,6 +64,8 @@ class CloseOrder:
     ``user_id`` restricts the close to that user's position (manual closes); engines leave it
     None. ``triggered_at`` is the Coinbase trade time that triggered an automatic close;
     ``recovered`` marks a close judged from trades fetched over REST after a gap (issue 14).
+    ``trade_id`` is the Coinbase trade id ending the window that triggered an automatic close
+    (the event log records it, issue 17); None for manual closes.
     """
 
     position_id: uuid.UUID
@@ -72,6 +74,7 @@ class CloseOrder:
     user_id: str | None = None
     triggered_at: datetime | None = None
     recovered: bool = False
+    trade_id: int | None = None
 
 
 @attrs.frozen

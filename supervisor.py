@@ -32,6 +32,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import attrs
@@ -154,7 +155,12 @@ def build_tree(
                 fanout_box,
                 engines,
                 config=persistence.PersistenceConfig(
-                    max_open_per_user=settings.max_open_positions_per_user
+                    max_open_per_user=settings.max_open_positions_per_user,
+                    event_retention=(
+                        timedelta(days=settings.event_retention_days)
+                        if settings.event_retention_days > 0
+                        else None
+                    ),
                 ),
                 stats=persistence_stats,
                 faults=faults,

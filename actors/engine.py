@@ -315,6 +315,8 @@ def _orders(
             reason=t.reason,
             triggered_at=window.last_time,
             recovered=window.recovered,
+            # A recovered candle has no trade of its own (its id is the trade before it).
+            trade_id=window.last_trade_id if window.count else None,
         )
         for t in triggers
     ]

@@ -14,6 +14,10 @@ delivered (by per-user ``seq``), so none is delivered twice.
 
 It never waits on a WebSocket, an engine or the feed: fanout and engine mailboxes are unbounded.
 
+It also keeps the event log bounded (issue 17): with ``event_retention`` set, a task of its own
+deletes, every ``prune_interval_s``, the events of positions closed longer ago than that
+(never an open position's, never an unpublished one): the actor stays the only writer.
+
 One bad request never takes it down (invariant 13): a group that fails for any reason other
 than the database being away is retried one request at a time, and the request that still
 fails alone is answered ``WriteRejected``; everyone else's writes go on.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Any, Protocol
 
 import attrs
@@ -49,7 +54,7 @@ from tickguard.actors.messages import (
     Watermark,
     WriteRejected,
 )
-from tickguard.storage import Database, DatabaseUnavailable, writes
+from tickguard.storage import Database, DatabaseUnavailable, eventlog, writes
 
 log = logging.getLogger("tickguard.actors.persistence")
 
@@ -68,6 +73,10 @@ class PersistenceConfig:
     # well inside the database call's timeout, and fanout delivers one piece while the next
     # one commits.
     close_chunk: int = 2500
+    # Event-log retention (EVENT_RETENTION_DAYS): None keeps every event.
+    event_retention: timedelta | None = None
+    prune_interval_s: float = 3600.0
+    prune_batch: int = 10_000  # events deleted per statement
 
 
 @attrs.define
@@ -78,6 +87,7 @@ class PersistenceStats:
     db_errors: int = 0
     rejected: int = 0  # requests answered WriteRejected
     watermark_writes: int = 0  # watermarks advanced on their own (nothing triggered)
+    events_pruned: int = 0  # event-log rows deleted by retention
 
 
 async def run(
@@ -93,15 +103,41 @@ async def run(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled, or until ``stopping`` is set and the mailbox is drained."""
-    actor = _Persistence(inbox, db, fanout, engines, config, stats or PersistenceStats(), faults)
+    stats = stats or PersistenceStats()
+    actor = _Persistence(inbox, db, fanout, engines, config, stats, faults)
     await actor.recover_outbox()  # raises DatabaseUnavailable: the supervisor retries us
-    task_status.started()
+    async with trio.open_nursery() as nursery:
+        if config.event_retention is not None:
+            nursery.start_soon(prune_event_log, db, config, stats)
+        task_status.started()
+        while True:
+            if stopping is not None and stopping.is_set() and inbox.pending() == 0:
+                nursery.cancel_scope.cancel()
+                return
+            batch = await actor.next_batch(stopping)
+            if batch:
+                await actor.handle(batch)
+
+
+async def prune_event_log(db: Database, config: PersistenceConfig, stats: PersistenceStats) -> None:
+    """Every ``config.prune_interval_s`` (first at start), delete the events of positions closed
+    longer than ``config.event_retention`` ago, a bounded statement at a time. A database
+    error skips this round (the next one catches up); it never stops the actor."""
+    assert config.event_retention is not None
     while True:
-        if stopping is not None and stopping.is_set() and inbox.pending() == 0:
-            return
-        batch = await actor.next_batch(stopping)
-        if batch:
-            await actor.handle(batch)
+        try:
+            while True:
+                deleted = await eventlog.prune_closed(
+                    db, config.event_retention, limit=config.prune_batch
+                )
+                stats.events_pruned += deleted
+                if deleted:
+                    log.info("pruned %d events of long-closed positions", deleted)
+                if deleted < config.prune_batch:
+                    break
+        except DatabaseUnavailable as exc:
+            log.warning("event-log pruning skipped: %s", exc)
+        await trio.sleep(config.prune_interval_s)
 
 
 class _Persistence:

@@ -3,7 +3,8 @@
 ``open_database`` is the runtime (asyncio loop + pool) that ``main()`` enters around the tree;
 everything else calls plain Trio functions with the ``Database`` it yields, from the module
 of its role: ``writes`` (the persistence actor: positions and their outbox events),
-``reads`` (the web: lists, one position, the latest seq), ``loading`` (engines at start).
+``reads`` (the web: lists, one position, the latest seq), ``eventlog`` (the event log read
+back: replays and a position's lifecycle; retention), ``loading`` (engines at start).
 """
 
 from tickguard.storage.db import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import asyncpg
 
@@ -39,9 +39,15 @@ async def _write_events(
     conn: asyncpg.Connection,
     changes: Sequence[tuple[EventType, EventSource, Position]],
     recovered: Collection[uuid.UUID] = (),
+    trade_ids: Mapping[uuid.UUID, int] | None = None,
 ) -> list[Event]:
-    """Give each change the next ``seq`` of its user and write its outbox row (positions in
-    ``recovered`` were closed from recovered market data: their event says so).
+    """Give each change the next ``seq`` of its user and write its event-log row (positions in
+    ``recovered`` were closed from recovered market data: their event says so; ``trade_ids``
+    names the Coinbase trade that triggered an engine close).
+
+    The row keeps the rendered ``message`` (the exact WebSocket text) and, beside it, the
+    structured columns of the event log (issue 17): ``source``, ``trade_id`` and ``payload``
+    (the same body as JSONB, cast by the server: no second encoding here).
 
     Runs inside the caller's transaction: the counter rows are locked until it commits, which
     keeps ``seq`` gap-free and in commit order per user.
@@ -67,15 +73,21 @@ async def _write_events(
         messages.append(
             event_message(type_, source, seq, position, recovered=position.id in recovered)
         )
+    trades = trade_ids or {}
     ids = await conn.fetch(
-        """INSERT INTO events (user_id, seq, type, position_id, message)
-           SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[], $5::text[])
+        """INSERT INTO events
+             (user_id, seq, type, position_id, message, source, trade_id, payload)
+           SELECT u, s, t, p, m, src, tr, m::jsonb
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[], $5::text[],
+                         $6::text[], $7::bigint[]) AS c(u, s, t, p, m, src, tr)
            RETURNING id""",
         [p.user_id for _, _, p in changes],
         seqs,
         [t for t, _, _ in changes],
         [p.id for _, _, p in changes],
         messages,
+        [src for _, src, _ in changes],
+        [trades.get(p.id) for _, _, p in changes],
     )
     return [
         Event(id=row["id"], user_id=p.user_id, seq=seq, type=t, message=msg, position_id=p.id)
@@ -302,8 +314,9 @@ async def _close(
             else:
                 results[index] = CloseResult(pid, CloseOutcome.ALREADY_CLOSED, row)
     recovered = {o.position_id for o in orders if o.recovered}
+    trade_ids = {o.position_id: o.trade_id for o in orders if o.trade_id is not None}
     events = await _write_events(
-        conn, [("position.closed", source, p) for p in closed_all], recovered
+        conn, [("position.closed", source, p) for p in closed_all], recovered, trade_ids
     )
     await advance(conn, watermarks)
     return [r for r in results if r is not None], events

@@ -49,6 +49,7 @@ def test_defaults_match_the_design_table() -> None:
         rate_limit_per_address=100,
         ws_connects_per_address_per_min=120,
         recovery_max_gap_s=604800,
+        event_retention_days=30,
     )
     assert settings.describe_database() == (
         "embedded PostgreSQL in /home/alice/.local/share/tickguard"
@@ -171,6 +172,9 @@ BAD_VALUES = [
     ("RECOVERY_MAX_GAP_S", "0"),
     ("RECOVERY_MAX_GAP_S", "6h"),
     ("RECOVERY_MAX_GAP_S", "31622401"),
+    ("EVENT_RETENTION_DAYS", "-1"),
+    ("EVENT_RETENTION_DAYS", "1.5"),
+    ("EVENT_RETENTION_DAYS", "36501"),
     ("AUTH_JWKS_URL", "idp.example.com/jwks.json"),
     ("AUTH_JWKS_URL", "ftp://idp.example.com/jwks.json"),
     ("AUTH_JWKS_URL", "https:///jwks.json"),
@@ -351,3 +355,8 @@ def test_a_non_loopback_host_is_allowed_with_auth_or_said_out_loud() -> None:
     with pytest.raises(ConfigError) as caught:
         load(HOST="0.0.0.0", AUTH_JWKS_URL="idp.example.com")
     assert [p.split()[0] for p in caught.value.problems] == ["AUTH_JWKS_URL"]
+
+
+def test_event_retention_days_takes_zero_as_keep_forever() -> None:
+    assert load(EVENT_RETENTION_DAYS="0").event_retention_days == 0
+    assert load(EVENT_RETENTION_DAYS="7").event_retention_days == 7

@@ -23,6 +23,7 @@ import trio.testing
 from positions_factory import open_position
 
 from tickguard.actors import engine
+from tickguard.actors.candles import Candle
 from tickguard.actors.engine import EngineConfig, EngineStats
 from tickguard.actors.mailbox import ActorUnavailable, Mailbox
 from tickguard.actors.messages import (
@@ -36,7 +37,9 @@ from tickguard.actors.messages import (
     Untrack,
     Watermark,
 )
-from tickguard.actors.window import WindowSlot
+from tickguard.actors.recovery import Trade, candle_window, trade_window
+from tickguard.actors.triggers import Trigger
+from tickguard.actors.window import TickWindow, WindowSlot
 
 SYMBOL = "BTC-USD"
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -198,9 +201,12 @@ async def test_loads_at_start_and_sends_a_window_s_triggers_as_one_batch(autojum
         assert ids(request) == {p.id for p in [*falling, short_tp]}
         by_id = {o.position_id: o for o in request.orders}
         for p in falling:
-            assert by_id[p.id] == CloseOrder(p.id, Decimal("90"), "stop_loss", triggered_at=at(2))
+            # The window's last trade (id 2) is recorded as the close's trade (issue 17).
+            assert by_id[p.id] == CloseOrder(
+                p.id, Decimal("90"), "stop_loss", triggered_at=at(2), trade_id=2
+            )
         assert by_id[short_tp.id] == CloseOrder(
-            short_tp.id, Decimal("89"), "take_profit", triggered_at=at(2)
+            short_tp.id, Decimal("89"), "take_profit", triggered_at=at(2), trade_id=2
         )
         await until(lambda: h.stats.closes_confirmed == 4)
         assert (h.stats.stop_losses, h.stats.take_profits, h.stats.positions_open) == (3, 1, 1)
@@ -379,7 +385,9 @@ async def test_track_judges_the_pending_window_before_inserting(autojump_clock) 
             assert h.stats.stop_losses == 0
             h.tick("90", 12)
             _, request = await h.db.next_request()
-            assert request.orders == (CloseOrder(p.id, Decimal("90"), "stop_loss", None, at(12)),)
+            assert request.orders == (
+                CloseOrder(p.id, Decimal("90"), "stop_loss", None, at(12), trade_id=12),
+            )
 
 
 async def test_a_trade_older_than_the_position_never_closes_it(autojump_clock) -> None:
@@ -455,7 +463,7 @@ async def test_stopping_hands_over_unanswered_closes(autojump_clock) -> None:
         engine_scope.cancel()
     handed = db.mailbox.receive_nowait()
     assert handed.reply is None and handed.source == "engine"
-    assert handed.orders == (CloseOrder(a.id, Decimal("90"), "stop_loss", None, at(1)),)
+    assert handed.orders == (CloseOrder(a.id, Decimal("90"), "stop_loss", None, at(1), trade_id=1),)
     assert h.stats.handed_over == 1 and h.stats.closes_pending == 0
     with pytest.raises(trio.WouldBlock):
         db.mailbox.receive_nowait()
@@ -573,3 +581,15 @@ async def test_a_position_tracked_during_a_recovery_joins_after_the_held_windows
         assert h.stats.positions_open == 2 and h.db.rows[late.id].status == "open"
         h.tick("89", 9)  # after it existed: closes it
         await until(lambda: h.db.rows[late.id].status == "closed")
+
+
+def test_a_close_records_its_windows_trade_but_a_candles_none() -> None:
+    """The event log's ``trade_id`` (issue 17): a window's last trade; none for a candle."""
+    trigger = Trigger(uuid.uuid4(), "alice", "stop_loss", Decimal("90"))
+    live = TickWindow.of(Decimal("86"), 76, at(1)).merge(Decimal("85"), 77, at(1))
+    assert [o.trade_id for o in engine._orders([trigger], live, "level")] == [77]
+    recovered = trade_window(Trade(78, Decimal("84"), at(2)))
+    assert [o.trade_id for o in engine._orders([trigger], recovered, "trade")] == [78]
+    minute = Candle(at(60), Decimal("80"), Decimal("95"), Decimal("85"))
+    candle = candle_window(minute, 78)
+    assert [o.trade_id for o in engine._orders([trigger], candle, "level")] == [None]

@@ -18,6 +18,7 @@ from quart_trio import QuartTrio
 
 from tickguard.config import Settings
 from tickguard.web import content_type, cors, edge, errors, identity, isolation, origin
+from tickguard.web.audit import audit
 from tickguard.web.dashboard import dashboard
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
@@ -65,6 +66,7 @@ def create_app(services: AppServices) -> QuartTrio:
     identity.install(app, services.settings)
     content_type.install(app)  # a preflight has no body to check
     app.register_blueprint(routes)
+    app.register_blueprint(audit)
     app.register_blueprint(ws)
     app.register_blueprint(openapi)
     app.register_blueprint(metrics)

@@ -55,6 +55,32 @@ _PAGE = {
     },
     "required": ["data"],
 }
+_EVENTS = {
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "seq": {"type": "integer", "minimum": 1},
+                    "type": {"type": "string", "enum": ["position.created", "position.closed"]},
+                    "source": {"type": "string", "enum": ["api", "engine"]},
+                    "tradeId": {"type": ["integer", "null"]},
+                    "createdAt": _TIME,
+                    "event": {
+                        "type": "object",
+                        "description": "The event as sessions received it: type, source, seq, "
+                        "recovered (only when true), position (as of the event).",
+                        "properties": {"position": {"$ref": "#/components/schemas/Position"}},
+                    },
+                },
+                "required": ["seq", "type", "source", "tradeId", "createdAt", "event"],
+            },
+        }
+    },
+    "required": ["data"],
+}
 _HEALTH = {
     "type": "object",
     "properties": {
@@ -187,6 +213,22 @@ ROUTES: tuple[RouteDoc, ...] = (
         path_params=("id",),
     ),
     RouteDoc(
+        "get",
+        "/api/positions/{id}/events",
+        "The position's lifecycle from the event log, oldest first (issue 17): each event's "
+        "seq, type, source (api or engine), tradeId (the Coinbase trade of an engine close, "
+        "else null), createdAt and event (the body sessions received). Empty once retention "
+        "(EVENT_RETENTION_DAYS) pruned a closed position's events.",
+        (200, "The events.", _EVENTS),
+        {
+            400: "Malformed id or query.",
+            404: "No position of this user has this id.",
+            **_UNAVAILABLE,
+        },
+        query=schemas.UserQuery,
+        path_params=("id",),
+    ),
+    RouteDoc(
         "post",
         "/api/positions/{id}/close",
         "Close an open position of the user (checks: 400, then 404, then 409).",
@@ -219,9 +261,11 @@ ROUTES: tuple[RouteDoc, ...] = (
     RouteDoc(
         "get",
         "/ws",
-        "WebSocket upgrade: the user's events (see API.md). Query: userId. Close codes: 1008 "
-        "bad userId, 1009 frame over 64 KiB, 1013 slow consumer, 1012 gateway restarting, "
-        "1001 shutting down, 1011 database unavailable.",
+        "WebSocket upgrade: the user's events (see API.md). Query: userId; since (an integer "
+        ">= 0: first replay the logged events after it; connection.ready then carries "
+        "replayComplete). Close codes: 1008 bad userId or since, 1009 frame over 64 KiB, "
+        "1013 slow consumer, 1012 gateway restarting, 1001 shutting down, 1011 database "
+        "unavailable.",
         (101, "Switching protocols.", _ANY_OBJECT),
         {426: "A plain HTTP request (no WebSocket upgrade)."},
         query=schemas.UserQuery,
