@@ -1,7 +1,8 @@
 """The event log (issue 17): reading it back, and pruning what retention lets go.
 
 Every state change's event stays in ``events`` after publication (migration 006): the rendered
-``message`` (the exact WebSocket text) and, beside it, ``source``, ``trade_id`` and ``payload``.
+``message`` (the exact WebSocket text) and, beside it, ``source`` and ``trade_id``; the
+``event_log`` view adds ``payload``, the body as JSONB, for SQL reads.
 These reads serve ``/ws?since=SEQ`` (a user's events after a seq, in seq order, a bounded page
 at a time) and ``GET /api/positions/{id}/events`` (one position's lifecycle); later roles
 (gateways, engines learning of creates) read the same way. ``prune_closed`` is the one write
@@ -25,8 +26,8 @@ DEFAULT_PAGE = 500
 
 @attrs.frozen
 class LoggedEvent:
-    """One row of the event log. ``payload`` is the event body parsed by the caller's JSON
-    reader (numbers as Decimal); ``message`` is the text sessions receive."""
+    """One row of the event log; ``message`` is the text sessions receive (its body, parsed,
+    is what the ``event_log`` view calls ``payload``)."""
 
     id: int
     user_id: str

@@ -46,8 +46,8 @@ async def _write_events(
     names the Coinbase trade that triggered an engine close).
 
     The row keeps the rendered ``message`` (the exact WebSocket text) and, beside it, the
-    structured columns of the event log (issue 17): ``source``, ``trade_id`` and ``payload``
-    (the same body as JSONB, cast by the server: no second encoding here).
+    structured columns of the event log (issue 17): ``source`` and ``trade_id`` (the body as
+    JSONB is the ``event_log`` view's ``payload``, parsed from ``message`` when read).
 
     Runs inside the caller's transaction: the counter rows are locked until it commits, which
     keeps ``seq`` gap-free and in commit order per user.
@@ -76,8 +76,8 @@ async def _write_events(
     trades = trade_ids or {}
     ids = await conn.fetch(
         """INSERT INTO events
-             (user_id, seq, type, position_id, message, source, trade_id, payload)
-           SELECT u, s, t, p, m, src, tr, m::jsonb
+             (user_id, seq, type, position_id, message, source, trade_id)
+           SELECT u, s, t, p, m, src, tr
              FROM unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[], $5::text[],
                          $6::text[], $7::bigint[]) AS c(u, s, t, p, m, src, tr)
            RETURNING id""",

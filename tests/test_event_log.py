@@ -83,7 +83,7 @@ async def test_events_carry_source_trade_id_and_payload_beside_the_message(db: D
         db, engine, source="engine", reason="stop_loss", triggered_at=at, trade_id=987654321
     )
     rows = await db.fetch(
-        "SELECT seq, type, source, trade_id, payload, message FROM events ORDER BY seq"
+        "SELECT seq, type, source, trade_id, payload, message FROM event_log ORDER BY seq"
     )
     assert [(r["seq"], r["type"], r["source"], r["trade_id"]) for r in rows] == [
         (1, "position.created", "api", None),
@@ -126,7 +126,7 @@ async def test_migration_006_converts_the_outbox_rows(database_url: str) -> None
             assert await migrate(old) == [6]
             rows = await old.fetch(
                 """SELECT seq, type, source, trade_id, payload, message, published_at
-                   FROM events ORDER BY seq"""
+                   FROM event_log ORDER BY seq"""
             )
             assert [(r["seq"], r["source"], r["trade_id"]) for r in rows] == [
                 (1, "api", None),
@@ -139,10 +139,8 @@ async def test_migration_006_converts_the_outbox_rows(database_url: str) -> None
             # The columns are now required and checked.
             with pytest.raises(Exception, match="events_source_check"):
                 await old.execute(
-                    """INSERT INTO events (user_id, seq, type, position_id, message, source,
-                                           payload)
-                       VALUES ('x', 1, 'position.created', gen_random_uuid(), '{}', 'robot',
-                               '{}')"""
+                    """INSERT INTO events (user_id, seq, type, position_id, message, source)
+                       VALUES ('x', 1, 'position.created', gen_random_uuid(), '{}', 'robot')"""
                 )
             assert await migrate(old) == []
     finally:
