@@ -64,8 +64,11 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
                         str(MAX_EXAMPLES),
                         "--seed",
                         "1",
+                        # One worker: with two threads, hypothesis' ast.parse of a filter's lambda
+                        # hits CPython 3.11.7's AST recursion-depth race (SystemError "AST
+                        # constructor recursion depth mismatch", fixed in later 3.11/3.12).
                         "--workers",
-                        "2",
+                        "1",
                         "--phases",
                         # The coverage phase's lost request was an early 405 on a connection
                         # the client reused (docs/RELIABILITY.md "Hostile input").
