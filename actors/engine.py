@@ -73,11 +73,14 @@ class EngineConfig:
     watermark_interval_s: float = 1.0
     # Close price of a recovered trigger: the level, or the recovered trade's price.
     gap_fill: Literal["level", "trade"] = "level"
-    # Adaptive close batches (issue 16): a request holds at most twice the previous one's closes
-    # (at least ``first_batch``, at most ``max_batch``), so the first closes of a stop cascade
-    # commit (and reach their users) after a small transaction while the rest queue up.
+    # Adaptive close batches (issue 16): a request holds at most ``batch_growth`` times the
+    # previous one's closes (at least ``first_batch``, at most ``max_batch``), so the first
+    # closes of a stop cascade commit (and reach their users) after a small transaction while
+    # the rest queue up. Growing 8x, not 2x: small transactions cost more per close (measured
+    # in BENCHMARKS.md), so the batches reach persistence's ``close_chunk`` (2,500) quickly.
     first_batch: int = 128
-    max_batch: int = 4096
+    batch_growth: int = 8
+    max_batch: int = 2500
 
 
 @attrs.define
@@ -331,10 +334,11 @@ class _Closer:
 
     Each order is in exactly one place: ready (to send), in flight (one request, awaiting its
     reply) or waiting (a failed close, until its backoff is due). Orders that become ready while
-    a request is in flight go out in the next request, which holds at most twice as many closes
-    as the previous one (at least ``first_batch``, at most ``max_batch``): a stop cascade's
-    first request is small, so its closes commit and reach their users quickly, and the batches
-    grow while each one commits. What a request cannot hold stays ready for the next one.
+    a request is in flight go out in the next request, which holds at most ``batch_growth``
+    times as many closes as the previous one (at least ``first_batch``, at most ``max_batch``):
+    a stop cascade's first request is small, so its closes commit and reach their users quickly,
+    and the batches grow while each one commits. What a request cannot hold stays ready for the
+    next one.
 
     A request carries the watermark of the last judged window only when it holds every close
     not yet answered (nothing ready or waiting outside it), so the watermark never passes a
@@ -358,7 +362,7 @@ class _Closer:
         self._in_flight: dict[uuid.UUID, CloseOrder] = {}
         self._waiting: dict[uuid.UUID, tuple[CloseOrder, float]] = {}  # order, due time
         self._attempts: dict[uuid.UUID, int] = {}
-        self._last_batch = 0  # closes in the previous request: the next holds up to twice that
+        self._last_batch = 0  # closes in the previous request: the next may hold more
         self._wake = trio.Event()
         self._handed_over = False
         self.judged: Watermark | None = None  # the last window judged (set by the engine)
@@ -413,10 +417,11 @@ class _Closer:
         return min((due for _, due in self._waiting.values()), default=math.inf)
 
     def batch_limit(self) -> int:
-        """How many closes the next request may hold: twice the previous request's, within
-        ``[first_batch, max_batch]``."""
+        """How many closes the next request may hold: ``batch_growth`` times the previous
+        request's, within ``[first_batch, max_batch]``."""
         config = self._config
-        return max(1, min(config.max_batch, max(config.first_batch, 2 * self._last_batch)))
+        grown = config.batch_growth * self._last_batch
+        return max(1, min(config.max_batch, max(config.first_batch, grown)))
 
     def _take_due(self) -> list[CloseOrder]:
         """The next request's closes: due retries first (the oldest), then ready ones in the

@@ -592,7 +592,7 @@ async def test_a_position_tracked_during_a_recovery_joins_after_the_held_windows
 
 
 # ------------------------------------------------------- adaptive close batches (issue 16)
-BATCHES = attrs.evolve(CONFIG, first_batch=4, max_batch=16)
+BATCHES = attrs.evolve(CONFIG, first_batch=4, batch_growth=2, max_batch=16)
 
 
 def many(n: int, sl: str = "90") -> list[Position]:
@@ -627,7 +627,7 @@ async def requests_until_all_closed(h: Harness, positions: list[Position]) -> li
             requests.append(request)
 
 
-async def test_a_cascade_s_first_request_is_small_and_the_next_ones_double_to_the_cap(
+async def test_a_cascade_s_first_request_is_small_and_the_next_ones_grow_to_the_cap(
     autojump_clock,
 ) -> None:
     cascade = many(40)
@@ -739,3 +739,13 @@ async def test_a_cascade_handed_over_on_stop_sends_every_unanswered_close_once(
     assert sorted(o.position_id for o in handed.orders) == sorted(p.id for p in cascade)
     assert handed.watermark == Watermark(SYMBOL, 1, at(1))
     assert h.stats.handed_over == 30
+
+
+async def test_default_batches_grow_eightfold_up_to_the_close_chunk(autojump_clock) -> None:
+    cascade = many(3000)
+    async with engine_running(*cascade, config=attrs.evolve(CONFIG, max_batch=1500)) as h:
+        h.tick("85", 1)
+        requests = await requests_until_all_closed(h, cascade)
+        # 128, then 8 x 128 = 1,024, then the cap, then what is left.
+        assert [len(r.orders) for r in requests] == [128, 1024, 1500, 348]
+        assert [r.watermark is not None for r in requests] == [False, False, False, True]

@@ -5,8 +5,8 @@ A real ``tickguard serve`` process on its own database (on the session's Postgre
 fed by the simulator over real sockets. 3,000 long positions of 30 users have their stops
 between 64,000 and 64,299.9; one trade at 63,900 crosses them all. The engine judges that one
 window and sends its closes in growing requests, one at a time (issue 16: the first holds
-``EngineConfig.first_batch``, 128, each next one up to twice the previous: 128, 256, 512, 1,024,
-then the last 1,080); persistence commits each request as one transaction (in pieces of
+``EngineConfig.first_batch``, 128, the next up to ``batch_growth`` (8) times the previous: 128,
+1,024, then the last 1,848); persistence commits each request as one transaction (in pieces of
 ``PersistenceConfig.close_chunk``, 2,500, were it larger), and the symbol's watermark advances
 only in the transaction of the request that holds the last of them (a watermark never passes a
 close that did not commit).
@@ -26,7 +26,7 @@ of a real database (a commit held up by another transaction), not a stand-in.
 Then the simulator trades at 65,000 (inside every bracket) while tickguard is dead, and the
 service starts again on the same database. The ticker it gets after subscribing says 65,000:
 only the gap recovery (the crossing trade fetched over REST from the watermark on) can close
-the ones still open (1,080 with the default batch sizes). The test asserts, behind
+the ones still open (1,848 with the default batch sizes). The test asserts, behind
 ``trio.fail_after`` hang guards: every crossed position is closed, at its stop level
 (``GAP_FILL=level``, the default), triggered at the crossing trade's time, with exactly one
 ``position.closed`` row in ``events``, ``"recovered": true`` exactly on those closed after the
@@ -156,7 +156,7 @@ async def test_kill_9_mid_cascade_of_3000_then_price_back_closes_each_crossed_st
     figures: Figures,
 ) -> None:
     # The cascade must commit in several transactions, the watermark in the last one only.
-    assert CROSSED > 2 * EngineConfig().first_batch, "the cascade must commit in pieces"
+    assert CROSSED > EngineConfig().first_batch, "the cascade must commit in pieces"
     async with (
         open_simulator({PRODUCT: BACK_PRICE}, heartbeat_interval=0.2) as sim,
         open_database(own_database, timeout=30.0) as db,
