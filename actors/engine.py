@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import math
 import time
@@ -72,6 +73,14 @@ class EngineConfig:
     watermark_interval_s: float = 1.0
     # Close price of a recovered trigger: the level, or the recovered trade's price.
     gap_fill: Literal["level", "trade"] = "level"
+    # Adaptive close batches (issue 16): a request holds at most ``batch_growth`` times the
+    # previous one's closes (at least ``first_batch``, at most ``max_batch``), so the first
+    # closes of a stop cascade commit (and reach their users) after a small transaction while
+    # the rest queue up. Growing 8x, not 2x: small transactions cost more per close (measured
+    # in BENCHMARKS.md), so the batches reach persistence's ``close_chunk`` (2,500) quickly.
+    first_batch: int = 128
+    batch_growth: int = 8
+    max_batch: int = 2500
 
 
 @attrs.define
@@ -327,7 +336,15 @@ class _Closer:
 
     Each order is in exactly one place: ready (to send), in flight (one request, awaiting its
     reply) or waiting (a failed close, until its backoff is due). Orders that become ready while
-    a request is in flight go out together in the next request.
+    a request is in flight go out in the next request, which holds at most ``batch_growth``
+    times as many closes as the previous one (at least ``first_batch``, at most ``max_batch``):
+    a stop cascade's first request is small, so its closes commit and reach their users quickly,
+    and the batches grow while each one commits. What a request cannot hold stays ready for the
+    next one.
+
+    A request carries the watermark of the last judged window only when it holds every close
+    not yet answered (nothing ready or waiting outside it), so the watermark never passes a
+    close that has not committed.
     """
 
     def __init__(
@@ -347,6 +364,7 @@ class _Closer:
         self._in_flight: dict[uuid.UUID, CloseOrder] = {}
         self._waiting: dict[uuid.UUID, tuple[CloseOrder, float]] = {}  # order, due time
         self._attempts: dict[uuid.UUID, int] = {}
+        self._last_batch = 0  # closes in the previous request: the next may hold more
         self._wake = trio.Event()
         self._handed_over = False
         self.judged: Watermark | None = None  # the last window judged (set by the engine)
@@ -392,6 +410,7 @@ class _Closer:
 
     async def _until_due(self) -> None:
         while not self._ready and self._next_due() > trio.current_time():
+            self._last_batch = 0  # idle: the next cascade starts with a small request again
             with trio.move_on_at(self._next_due()):
                 await self._wake.wait()
             self._wake = trio.Event()
@@ -399,21 +418,35 @@ class _Closer:
     def _next_due(self) -> float:
         return min((due for _, due in self._waiting.values()), default=math.inf)
 
+    def batch_limit(self) -> int:
+        """How many closes the next request may hold: ``batch_growth`` times the previous
+        request's, within ``[first_batch, max_batch]``."""
+        config = self._config
+        grown = config.batch_growth * self._last_batch
+        return max(1, min(config.max_batch, max(config.first_batch, grown)))
+
     def _take_due(self) -> list[CloseOrder]:
+        """The next request's closes: due retries first (the oldest), then ready ones in the
+        order they were triggered, up to ``batch_limit``; the rest stay where they are."""
         now = trio.current_time()
-        batch = list(self._ready.values())
-        self._ready.clear()
+        limit = self.batch_limit()
+        batch: list[CloseOrder] = []
         for position_id, (order, due) in list(self._waiting.items()):
+            if len(batch) >= limit:
+                break
             if due <= now:
                 del self._waiting[position_id]
                 batch.append(order)
+        for position_id in list(itertools.islice(self._ready, max(0, limit - len(batch)))):
+            batch.append(self._ready.pop(position_id))
         self._in_flight = {order.position_id: order for order in batch}
+        self._last_batch = len(batch)
         return batch
 
     def _mark(self) -> Watermark | None:
         """The watermark a request may carry: the last judged window, when the request holds
-        every close not yet answered (nothing waits for a retry outside it)."""
-        if self._waiting or self.judged is None or self.judged == self._written:
+        every close not yet answered (nothing ready or waiting for a retry outside it)."""
+        if self._ready or self._waiting or self.judged is None or self.judged == self._written:
             return None
         return self.judged
 

@@ -7,6 +7,10 @@ over REST, wait for its ``position.created`` on the WebSocket (by then its engin
 publish a trade at 99.8 and time until its ``position.closed`` arrives. The path timed is the
 whole product: simulator socket -> feed -> window -> engine -> persistence (one committed
 transaction, synchronous_commit on) -> fanout -> /ws -> client socket.
+
+The very first trigger after the service started (the first of the warm-up ones) is reported on
+its own: "first close after start-up", which issue 16 wants no slower than the run's p99 (the
+service warms its statements and connections at start).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ async def _next_of(ws: trio_websocket.WebSocketConnection, type_: str, pid: str)
 async def measure(url: str, triggers: int) -> dict[str, Any]:
     close_s: list[float] = []
     create_s: list[float] = []
+    first_close_s = float("nan")
     async with open_simulator({"BTC-USD": Decimal("100")}) as sim:
         async with serve_subprocess(url, sim.url) as server:
             loaded = [line for _, line in server.lines if "engine BTC-USD started" in line]
@@ -83,11 +88,18 @@ async def measure(url: str, triggers: int) -> dict[str, Any]:
                         sent = time.perf_counter()
                         sim.publish("BTC-USD", "99.8")
                         received = await _next_of(ws, "position.closed", pid)
+                    if i == 0:
+                        first_close_s = received - sent
                     if i >= WARMUP:
                         close_s.append(received - sent)
                         create_s.append(created - asked)
             server_log = loaded[0] if loaded else ""
-    return {"close_s": close_s, "create_s": create_s, "engine_log": server_log}
+    return {
+        "close_s": close_s,
+        "create_s": create_s,
+        "first_close_s": first_close_s,
+        "engine_log": server_log,
+    }
 
 
 def run(ctx: Context) -> Path:
@@ -100,6 +112,7 @@ def run(ctx: Context) -> Path:
         raw = trio.run(measure, url, triggers)
     close = distribution_ms(raw["close_s"])
     create = distribution_ms(raw["create_s"])
+    first_ms = raw["first_close_s"] * 1000
     figures = [
         Figure(
             "tick -> position.closed p50",
@@ -117,6 +130,13 @@ def run(ctx: Context) -> Path:
             at_most(close["p99_ms"], 10.0),
         ),
         Figure("tick -> position.closed max", close["max_ms"], "ms"),
+        Figure(
+            "first close after start-up (first warm-up trigger)",
+            first_ms,
+            "ms",
+            f"<= p99 ({close['p99_ms']:.2f} ms)",
+            at_most(first_ms, close["p99_ms"]),
+        ),
         Figure("  (old backend median, 1 open position)", 3.5, "ms"),
         Figure("one-row durable commit alone, p50", floor["p50_ms"], "ms"),
         Figure("POST -> position.created on /ws p50", create["p50_ms"], "ms"),
@@ -131,6 +151,7 @@ def run(ctx: Context) -> Path:
         data={
             "close": close,
             "create": create,
+            "first_close_ms": first_ms,
             "engine_log": raw["engine_log"],
             "close_samples_ms": [round(s * 1000, 4) for s in raw["close_s"]],
         },

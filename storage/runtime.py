@@ -5,16 +5,24 @@ up yet.
 The wait says once where it waits and for how long, reports progress at most every
 ``progress_s``, and ends in ``DatabaseNotReached``, one line that names the database (the
 ``DATABASE_URL`` variable, without its password) and the time waited.
+
+Once migrated, the pool is warmed (issue 16): ``WARM_CONNECTIONS`` connections are opened at
+once and the close path's statements run on each (``writes.warm_up``, rolled back), so the
+first close after start-up costs what any other does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 import trio
 
+from tickguard.storage import writes
 from tickguard.storage.db import Database, DatabaseUnavailable, open_database
 from tickguard.storage.migrate import migrate
 
@@ -23,6 +31,7 @@ log = logging.getLogger("tickguard.storage")
 PATIENCE_S = 30.0  # how long start-up waits for a database that is not up yet
 RETRY_S = 1.0  # between attempts to reach it
 PROGRESS_S = 10.0  # at most one "still waiting" line per this many seconds
+WARM_CONNECTIONS = 4  # pool connections opened and warmed at start (the pool holds up to 10)
 
 
 class DatabaseNotReached(DatabaseUnavailable):
@@ -55,7 +64,37 @@ async def open_storage(
     """
     await _migrate_when_up(dsn, where, patience_s, retry_s, progress_s)
     async with open_database(dsn) as db:
+        await warm_up(db)
         yield db
+
+
+async def warm_up(db: Database, connections: int = WARM_CONNECTIONS) -> None:
+    """Open ``connections`` of the pool's connections together and run the close path's
+    statements on each (``writes.warm_up``), so that whichever connection the first close gets
+    has them prepared. A failure is logged and start-up goes on: warming only saves time."""
+    started = time.perf_counter()
+    barrier = asyncio.Barrier(connections)
+
+    async def one(conn: asyncpg.Connection) -> None:
+        await writes.warm_up(conn)
+        # Hold this connection until every task has one: each warms a different connection.
+        await barrier.wait()
+
+    failure: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(db.run, one)
+    except* Exception as group:
+        failure = _innermost(group)
+    if failure is not None:
+        log.warning("could not warm the database connections: %s", failure)
+        return
+    log.info(
+        "warmed %d database connections in %.0f ms",
+        connections,
+        (time.perf_counter() - started) * 1000,
+    )
 
 
 async def _migrate_when_up(

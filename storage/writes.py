@@ -13,6 +13,8 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import asyncpg
 
@@ -111,9 +113,10 @@ async def unpublished_events(db: Database, limit: int = 10_000) -> list[Event]:
 async def mark_published(db: Database, event_ids: Sequence[int]) -> None:
     """Record that these events were handed to fanout."""
     if event_ids:
-        await db.execute(
-            "UPDATE events SET published_at = now() WHERE id = ANY($1::bigint[])", list(event_ids)
-        )
+        await db.execute(_MARK_PUBLISHED_SQL, list(event_ids))
+
+
+_MARK_PUBLISHED_SQL = "UPDATE events SET published_at = now() WHERE id = ANY($1::bigint[])"
 
 
 async def create_positions(
@@ -335,3 +338,42 @@ async def positions_by_id(db: Database, ids: Sequence[uuid.UUID]) -> list[Positi
         return []
     found = await db.fetch(f"SELECT {COLUMNS} FROM positions WHERE id = ANY($1::uuid[])", list(ids))
     return [to_position(r) for r in found]
+
+
+# --- Warm-up (issue 16): the close path's statements, run once on a connection at start-up ---
+
+
+async def warm_up(conn: asyncpg.Connection) -> None:
+    """Run every statement of a close on ``conn`` and roll it all back: asyncpg then holds them
+    prepared (its statement cache) with their types introspected, so the first close after
+    start-up pays no parse, plan or type look-up. Changes nothing: one close of an id that does
+    not exist (the UPDATE, then the look-up of what it did not close), the event and counter
+    inserts of a made-up closed position, a watermark of a made-up symbol and the outbox mark,
+    all in a transaction that is rolled back (only the events id sequence moves on)."""
+    now = datetime.now(UTC)
+    ghost = Position(
+        id=uuid.uuid4(),
+        user_id="tickguard-warm-up",
+        symbol="WARM-UP",
+        side="long",
+        entry_price=Decimal(1),
+        take_profit=None,
+        stop_loss=Decimal(1),
+        status="closed",
+        close_price=Decimal(1),
+        close_reason="stop_loss",
+        created_at=now,
+        updated_at=now,
+        closed_at=now,
+        triggered_at=now,
+    )
+    order = CloseOrder(ghost.id, Decimal(1), "stop_loss", triggered_at=now)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await _close(conn, [order], "engine", [])
+        events = await _write_events(conn, [("position.closed", "engine", ghost)])
+        await advance(conn, [Watermark(ghost.symbol, 0, now)])
+        await conn.execute(_MARK_PUBLISHED_SQL, [e.id for e in events])
+    finally:
+        await transaction.rollback()

@@ -78,6 +78,8 @@ class Persistence:
         self.silent = 0  # how many requests to take and never answer
         self._seen_send, self.seen = trio.open_memory_channel[tuple[float, CloseRequest]](math.inf)
         self.marks: list[Watermark] = []  # watermarks advanced on their own (issue 14)
+        self.gate: trio.Semaphore | None = None  # if set: one release answers one request
+        self.on_request: Callable[[CloseRequest], None] | None = None  # checks, before answering
 
     async def load_open(self, symbol: str) -> AsyncIterator[list[Position]]:
         self.load_calls.append(symbol)
@@ -93,6 +95,10 @@ class Persistence:
                 self.marks.append(request.mark)
                 continue
             self._seen_send.send_nowait((trio.current_time(), request))
+            if self.on_request is not None:
+                self.on_request(request)
+            if self.gate is not None:
+                await self.gate.acquire()
             if self.silent:
                 self.silent -= 1
                 self.mailbox.settle(request)
@@ -147,15 +153,25 @@ class Harness:
     stats: EngineStats
     scope: trio.CancelScope | None = None
     feed: Mailbox[Any] = attrs.field(factory=lambda: Mailbox("feed"))
+    config: EngineConfig = CONFIG
+    # position id -> the watermark of the window that triggers it (tests of the watermark rule)
+    triggered: dict[uuid.UUID, Watermark] = attrs.field(factory=dict)
 
     def tick(self, price: str, second: int) -> None:
         self.slot.put(Decimal(price), second, at(second))
 
+    def triggered_by(self, mark: Watermark) -> set[uuid.UUID]:
+        """The positions triggered by windows up to ``mark``'s trade."""
+        return {pid for pid, w in self.triggered.items() if w.trade_id <= mark.trade_id}
+
 
 @asynccontextmanager
-async def engine_running(*positions: Position) -> AsyncIterator[Harness]:
+async def engine_running(
+    *positions: Position, config: EngineConfig = CONFIG
+) -> AsyncIterator[Harness]:
     db = Persistence(*positions)
-    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats())
+    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats(), config=config)
+    db.on_request = partial(watermark_behind_commits, h)  # a no-op unless h.triggered is set
     async with trio.open_nursery() as nursery:
         nursery.start_soon(db.serve)
         h.scope = await start_engine(nursery, h)
@@ -177,7 +193,7 @@ async def start_engine(nursery: trio.Nursery, h: Harness) -> trio.CancelScope:
                         h.inbox,
                         h.db.mailbox,
                         h.db.load_open,
-                        config=CONFIG,
+                        config=h.config,
                         stats=h.stats,
                         feed=h.feed,
                     )
@@ -593,3 +609,163 @@ def test_a_close_records_its_windows_trade_but_a_candles_none() -> None:
     minute = Candle(at(60), Decimal("80"), Decimal("95"), Decimal("85"))
     candle = candle_window(minute, 78)
     assert [o.trade_id for o in engine._orders([trigger], candle, "level")] == [None]
+
+
+# ------------------------------------------------------- adaptive close batches (issue 16)
+BATCHES = attrs.evolve(CONFIG, first_batch=4, batch_growth=2, max_batch=16)
+
+
+def many(n: int, sl: str = "90") -> list[Position]:
+    return [position(sl=sl) for _ in range(n)]
+
+
+def watermark_behind_commits(h: Harness, request: CloseRequest) -> None:
+    """A request's watermark never passes a close that is not committed (the stand-in's rows)
+    or in this very request: every order triggered up to the watermark's trade is one of them."""
+    mark = request.watermark
+    if mark is None:
+        return
+    in_request = ids(request)
+    for row in h.db.rows.values():
+        if row.stop_loss is not None and row.status == "open" and row.id not in in_request:
+            assert row.id not in h.triggered_by(mark), f"{row.id} is behind {mark}"
+
+
+async def requests_until_all_closed(h: Harness, positions: list[Position]) -> list[CloseRequest]:
+    """Every request sent until ``positions`` are closed (the stand-in checks each against the
+    watermark rule as it takes it, before answering: ``engine_running``)."""
+    requests = []
+    with trio.fail_after(60):
+        while True:
+            try:
+                _, request = h.db.seen.receive_nowait()
+            except trio.WouldBlock:
+                if all(h.db.rows[p.id].status == "closed" for p in positions):
+                    return requests
+                await trio.sleep(0.001)  # virtual time (MockClock)
+                continue
+            requests.append(request)
+
+
+async def test_a_cascade_s_first_request_is_small_and_the_next_ones_grow_to_the_cap(
+    autojump_clock,
+) -> None:
+    cascade = many(40)
+    async with engine_running(*cascade, config=BATCHES) as h:
+        h.triggered = {p.id: Watermark(SYMBOL, 1, at(1)) for p in cascade}
+        h.tick("85", 1)  # one window triggers all 40
+        requests = await requests_until_all_closed(h, cascade)
+        assert [len(r.orders) for r in requests] == [4, 8, 16, 12]
+        # Only the request that holds the last of them carries the window's watermark.
+        assert [r.watermark for r in requests] == [None, None, None, Watermark(SYMBOL, 1, at(1))]
+        sent = [o.position_id for r in requests for o in r.orders]
+        assert sorted(sent) == sorted(p.id for p in cascade)  # each close sent once
+        await until(lambda: h.stats.closes_confirmed == 40)
+        assert h.stats.closes_pending == 0 and h.stats.close_failures == 0
+        await h.db.no_request_for(10)
+
+
+async def test_closes_ready_while_one_commits_go_next_in_a_batch_twice_as_large(
+    autojump_clock,
+) -> None:
+    first, later = many(3, sl="90"), many(30, sl="80")
+    async with engine_running(*first, *later, config=BATCHES) as h:
+        h.db.gate = trio.Semaphore(0)
+        h.triggered = {p.id: Watermark(SYMBOL, 1, at(1)) for p in first} | {
+            p.id: Watermark(SYMBOL, 2, at(2)) for p in later
+        }
+        h.tick("89", 1)
+        _, one = await h.db.next_request()
+        assert ids(one) == {p.id for p in first} and one.watermark == Watermark(SYMBOL, 1, at(1))
+        h.tick("79", 2)  # 30 more while the first request is in flight
+        await trio.sleep(1)
+        await h.db.no_request_for(1)  # one request in flight at a time
+        assert h.stats.closes_pending == 33
+        sizes = []
+        for _ in range(3):
+            h.db.gate.release()
+            _, request = await h.db.next_request()
+            watermark_behind_commits(h, request)
+            sizes.append((len(request.orders), request.watermark))
+        h.db.gate.release()
+        # 2 x 3 = 6, then 12, then what is left (12 < the cap of 16); the watermark of the
+        # second window only on the request that holds the last of its closes.
+        assert sizes == [(6, None), (12, None), (12, Watermark(SYMBOL, 2, at(2)))]
+        await until(lambda: all(h.db.rows[p.id].status == "closed" for p in later))
+        await h.db.no_request_for(10)
+
+
+async def test_a_failed_close_holds_the_watermark_back_across_split_batches(
+    autojump_clock,
+) -> None:
+    cascade = many(20)
+    async with engine_running(*cascade, config=BATCHES) as h:
+        h.triggered = {p.id: Watermark(SYMBOL, 1, at(1)) for p in cascade}
+        h.db.gate = trio.Semaphore(0)
+        h.tick("85", 1)
+        _, first = await h.db.next_request()
+        assert len(first.orders) == 4 and first.watermark is None
+        failing = first.orders[0].position_id
+        h.db.fail[failing] = 2  # in the first batch: FAILED twice, then closes
+        for _ in range(100):
+            h.db.gate.release()
+        requests = [first, *await requests_until_all_closed(h, cascade)]
+        marked = [r for r in requests if r.watermark is not None]
+        # No request carries the watermark while the failed close waits outside it; the ones
+        # that do hold that close (its retries), and the failed ones did not advance it.
+        assert marked and all(failing in ids(r) for r in marked)
+        assert [len(r.orders) for r in requests[:3]] == [4, 8, 8]
+        assert h.stats.close_failures == 2
+        await until(lambda: h.stats.closes_confirmed == 20)
+
+
+async def test_after_a_cascade_the_next_one_starts_small_again(autojump_clock) -> None:
+    one, two = many(40, sl="90"), many(10, sl="80")
+    async with engine_running(*one, *two, config=BATCHES) as h:
+        h.triggered = {p.id: Watermark(SYMBOL, 1, at(1)) for p in one} | {
+            p.id: Watermark(SYMBOL, 2, at(2)) for p in two
+        }
+        h.tick("85", 1)
+        assert [len(r.orders) for r in await requests_until_all_closed(h, one)] == [4, 8, 16, 12]
+        await trio.sleep(5)  # idle: nothing ready, nothing in flight
+        h.tick("75", 2)
+        assert [len(r.orders) for r in await requests_until_all_closed(h, two)] == [4, 6]
+
+
+async def test_a_cascade_handed_over_on_stop_sends_every_unanswered_close_once(
+    autojump_clock,
+) -> None:
+    cascade = many(30)
+    db = Persistence(*cascade)
+    db.gate = trio.Semaphore(0)
+    h = Harness(db, WindowSlot(SYMBOL), Mailbox("engine"), EngineStats(), config=BATCHES)
+    async with trio.open_nursery() as nursery:
+        serving = trio.CancelScope()
+
+        async def serve() -> None:
+            with serving:
+                await db.serve()
+
+        nursery.start_soon(serve)
+        engine_scope = await start_engine(nursery, h)
+        h.tick("85", 1)
+        _, first = await db.next_request()
+        assert len(first.orders) == 4
+        serving.cancel()  # the first request is never answered
+        engine_scope.cancel()
+    handed = db.mailbox.receive_nowait()
+    assert handed.reply is None
+    # The batch in flight and the 26 still ready, in one fire-and-forget request.
+    assert sorted(o.position_id for o in handed.orders) == sorted(p.id for p in cascade)
+    assert handed.watermark == Watermark(SYMBOL, 1, at(1))
+    assert h.stats.handed_over == 30
+
+
+async def test_default_batches_grow_eightfold_up_to_the_close_chunk(autojump_clock) -> None:
+    cascade = many(3000)
+    async with engine_running(*cascade, config=attrs.evolve(CONFIG, max_batch=1500)) as h:
+        h.tick("85", 1)
+        requests = await requests_until_all_closed(h, cascade)
+        # 128, then 8 x 128 = 1,024, then the cap, then what is left.
+        assert [len(r.orders) for r in requests] == [128, 1024, 1500, 348]
+        assert [r.watermark is not None for r in requests] == [False, False, False, True]

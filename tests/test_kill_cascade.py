@@ -4,17 +4,21 @@ before the restart (issue 14): every crossed position still closes, exactly once
 A real ``tickguard serve`` process on its own database (on the session's PostgreSQL server),
 fed by the simulator over real sockets. 3,000 long positions of 30 users have their stops
 between 64,000 and 64,299.9; one trade at 63,900 crosses them all. The engine judges that one
-window and sends one close batch; persistence commits it in pieces of
-``PersistenceConfig.close_chunk`` (2,500) closes, and the symbol's watermark advances in the
-last piece's transaction only (a watermark never passes a close that did not commit).
+window and sends its closes in growing requests, one at a time (issue 16: the first holds
+``EngineConfig.first_batch``, 128, the next up to ``batch_growth`` (8) times the previous: 128,
+1,024, then the last 1,848); persistence commits each request as one transaction (in pieces of
+``PersistenceConfig.close_chunk``, 2,500, were it larger), and the symbol's watermark advances
+only in the transaction of the request that holds the last of them (a watermark never passes a
+close that did not commit).
 
 Making the kill land mid-cascade every time: polling the closed count alone is a race. Here
 (2 shared cores, 2026-12-02), polling every 2 ms without the lock below saw the count go from 0
-straight to 3,000 in 2 runs of 3, and 2,500 for 0.21 s in the third; a kill sent on seeing
-2,500 can still arrive after the last piece committed. So the test also holds a row lock on the
-symbol's watermark row (``SELECT ... FOR UPDATE`` on its own connection) while the cascade
-runs: the first piece commits, the last piece's transaction (its closes written, not committed)
-waits on that lock when it advances the watermark. The test kills tickguard once the closed count is
+straight to 3,000 in 2 runs of 3, and 2,500 for 0.21 s in the third (then with one request
+committed in pieces of 2,500); a kill sent on seeing a partial count can still arrive after the
+last piece committed. So the test also holds a row lock on the symbol's watermark row
+(``SELECT ... FOR UPDATE`` on its own connection) while the cascade runs: the first requests
+commit, the last one's transaction (its closes written, not committed) waits on that lock when
+it advances the watermark. The test kills tickguard once the closed count is
 strictly between 0 and 3,000 and a backend of the database waits on a lock, then releases the
 lock (the orphaned transaction then finds its client gone and rolls back). It is a real fault
 of a real database (a commit held up by another transaction), not a stand-in.
@@ -22,10 +26,11 @@ of a real database (a commit held up by another transaction), not a stand-in.
 Then the simulator trades at 65,000 (inside every bracket) while tickguard is dead, and the
 service starts again on the same database. The ticker it gets after subscribing says 65,000:
 only the gap recovery (the crossing trade fetched over REST from the watermark on) can close
-the 500 still open. The test asserts, behind ``trio.fail_after`` hang guards: every crossed
-position is closed, at its stop level (``GAP_FILL=level``, the default), triggered at the
-crossing trade's time, with exactly one ``position.closed`` row in ``events``, ``"recovered":
-true`` exactly on those closed after the restart; no uncrossed position is closed; each user's
+the ones still open (1,848 with the default batch sizes). The test asserts, behind
+``trio.fail_after`` hang guards: every crossed position is closed, at its stop level
+(``GAP_FILL=level``, the default), triggered at the crossing trade's time, with exactly one
+``position.closed`` row in ``events``, ``"recovered": true`` exactly on those closed after the
+restart; no uncrossed position is closed; each user's
 event seqs run 1..n; the outbox ends empty. 6-12 s here (2 shared cores).
 """
 
@@ -47,7 +52,7 @@ import trio_asyncio
 from fault_helpers import Figures, Run, audit, until
 from test_faults_process import own_database, tickguard_process  # noqa: F401 (a fixture)
 
-from tickguard.actors.persistence import PersistenceConfig
+from tickguard.actors.engine import EngineConfig
 from tickguard.domain import NewPosition
 from tickguard.sim import Simulator, open_simulator
 from tickguard.storage import Database, migrate, open_database, watermarks, writes
@@ -150,7 +155,8 @@ async def test_kill_9_mid_cascade_of_3000_then_price_back_closes_each_crossed_st
     tmp_path: Path,
     figures: Figures,
 ) -> None:
-    assert CROSSED > PersistenceConfig().close_chunk, "the cascade must commit in pieces"
+    # The cascade must commit in several transactions, the watermark in the last one only.
+    assert CROSSED > EngineConfig().first_batch, "the cascade must commit in pieces"
     async with (
         open_simulator({PRODUCT: BACK_PRICE}, heartbeat_interval=0.2) as sim,
         open_database(own_database, timeout=30.0) as db,
@@ -170,7 +176,7 @@ async def test_kill_9_mid_cascade_of_3000_then_price_back_closes_each_crossed_st
 
                 async def mid_cascade() -> bool:
                     closed = await count_closed(db, crossed)
-                    # Loud, not a 60 s hang, if persistence stops committing in pieces with
+                    # Loud, not a 60 s hang, if the cascade stops committing in pieces with
                     # the watermark in the last one (what this test relies on to kill mid-way).
                     assert closed < CROSSED, "the whole cascade committed past the held lock"
                     return closed > 0 and await db.fetchval(WAITING_ON_A_LOCK) > 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from decimal import Decimal
 
+import asyncpg
 import pytest
 import trio
 import trio_asyncio
@@ -22,6 +24,7 @@ from tickguard.storage import (
     open_database,
     open_pool,
     reads,
+    runtime,
     writes,
 )
 from tickguard.storage.migrate import bundled_migrations
@@ -423,3 +426,33 @@ async def test_open_positions_come_in_id_ordered_pages(db: Database) -> None:
     expected = sorted(r.position.id for r in created[1:7])
     assert ids == expected  # every open BTC-USD position once, in id order; nothing else
     assert [p async for p in loading.open_positions(db, "DOGE-USD")] == []
+
+
+# ---------------------------------------------------------------- warm start (issue 16)
+async def test_warm_up_prepares_the_close_path_on_each_pooled_connection_and_changes_nothing(
+    db: Database,
+) -> None:
+    await runtime.warm_up(db, connections=3)
+    # Nothing it ran stayed: no event, counter, watermark or position.
+    for table in ("events", "user_seq", "watermarks", "positions"):
+        assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+
+    # Three connections held at once (so three different ones): each session has the close
+    # path's statements prepared (asyncpg's statement cache names them on the server).
+    statements: list[list[str]] = []
+    gate = asyncio.Barrier(3)
+
+    async def prepared(conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch("SELECT statement FROM pg_prepared_statements")
+        statements.append([r["statement"] for r in rows])
+        await gate.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(db.run, prepared)
+    assert len(statements) == 3
+    for held in statements:
+        assert writes._CLOSE_SQL in held
+        assert writes._MARK_PUBLISHED_SQL in held
+        assert any("INSERT INTO events" in s for s in held)
+        assert any("INSERT INTO user_seq" in s for s in held)
