@@ -29,7 +29,11 @@ from tickguard.storage.embedded._accounts import (
     server_account,
 )
 from tickguard.storage.embedded._bundle import SERVER_ENV, bin_dir, server_major_version
-from tickguard.storage.embedded._errors import DataVersionMismatch, EmbeddedDatabaseError
+from tickguard.storage.embedded._errors import (
+    DataVersionMismatch,
+    EmbeddedDatabaseError,
+    describe_exit,
+)
 from tickguard.storage.embedded._processes import (
     POLL_SECONDS,
     end_orphans,
@@ -305,7 +309,7 @@ class EmbeddedPostgres:
             status = process.poll()
             if status is not None:
                 raise EmbeddedDatabaseError(
-                    f"PostgreSQL exited with status {status} while starting; "
+                    f"the embedded PostgreSQL {describe_exit(status)} while starting; "
                     f"the end of {self.log_file}:\n{files.tail(self.log_file)}"
                 )
             if files.is_ready(self.pgdata, process.pid):
