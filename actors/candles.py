@@ -23,15 +23,19 @@ GRANULARITY_S = 60
 MAX_PER_REQUEST = 300  # Coinbase answers 400 to a range of more candles than this
 
 
-class CandlesUnreadable(Exception):
-    """A candles answer could not be used (status, body or shape). ``retry_after`` is the
-    server's ``Retry-After`` in seconds (0 when none); ``retryable`` is False for an answer a
-    retry cannot fix (a 4xx other than 429)."""
+class MarketDataUnreadable(Exception):
+    """A REST market-data answer could not be used (status, body or shape). ``retry_after``
+    is the server's ``Retry-After`` in seconds (0 when none); ``retryable`` is False for an
+    answer a retry cannot fix (a 4xx other than 429)."""
 
     def __init__(self, message: str, *, retry_after: float = 0.0, retryable: bool = True):
         super().__init__(message)
         self.retry_after = retry_after
         self.retryable = retryable
+
+
+class CandlesUnreadable(MarketDataUnreadable):
+    """A candles answer could not be used."""
 
 
 @attrs.frozen

@@ -46,7 +46,7 @@ import trio
 
 from tickguard.actors import candles
 from tickguard.actors.backoff import full_jitter
-from tickguard.actors.candles import Candle, CandlesUnreadable
+from tickguard.actors.candles import Candle, MarketDataUnreadable
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import RecoverGap, Watermark
 from tickguard.actors.products import USER_AGENT
@@ -150,15 +150,8 @@ def _iso(time: datetime) -> str:
     return time.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class TradesUnreadable(Exception):
-    """A trades page could not be read (status, body or shape). ``retry_after`` is the
-    server's ``Retry-After`` in seconds (0 when none); ``retryable`` is False for an answer
-    that a retry cannot fix (a 4xx other than 429)."""
-
-    def __init__(self, message: str, *, retry_after: float = 0.0, retryable: bool = True):
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.retryable = retryable
+class TradesUnreadable(MarketDataUnreadable):
+    """A trades page could not be used."""
 
 
 class GapNotJudged(Exception):
@@ -337,7 +330,7 @@ class _Recovery:
                 )
         except GapNotJudged as exc:
             self.abandon(gap.unjudged(exc.reason, exc.detail))
-        except (TradesUnreadable, CandlesUnreadable) as exc:  # an answer no retry can fix (4xx)
+        except MarketDataUnreadable as exc:  # an answer no retry can fix (4xx)
             self.abandon(gap.unjudged("refused", str(exc)))
         finally:
             slot.release(hold)
@@ -470,7 +463,7 @@ class _Recovery:
             self.stats.requests += 1
             try:
                 return await call()
-            except (TradesUnreadable, CandlesUnreadable) as exc:
+            except MarketDataUnreadable as exc:
                 if not exc.retryable:
                     raise
                 error: Exception = exc
