@@ -101,7 +101,18 @@ class Database:
             conn.terminate()
             raise
         finally:
+            await self._release(conn)
+
+    async def _release(self, conn: Any) -> None:
+        """Give ``conn`` back. Its reset can fail when the server died under it (seen:
+        asyncpg's ``InternalClientError`` "cannot switch to state 15; another operation is in
+        progress"); asyncpg then terminates the connection, and the failure must not replace
+        what ``fn`` did: its own error (the server going away) or its committed result."""
+        try:
             await self._pool.release(conn)
+        except Exception as exc:
+            conn.terminate()
+            log.debug("a connection could not be reset and was dropped: %r", exc)
 
 
 class ReadOnlyDatabase:
