@@ -38,6 +38,20 @@ class CandlesUnreadable(MarketDataUnreadable):
     """A candles answer could not be used."""
 
 
+def check_answered(response: httpx.Response, unreadable: type[MarketDataUnreadable]) -> None:
+    """Raise ``unreadable`` for an answer other than 200: retryable on 429 and 5xx, not sooner
+    than the server's ``Retry-After``."""
+    status = response.status_code
+    if status == 200:
+        return
+    raw = response.headers.get("Retry-After", "")
+    raise unreadable(
+        f"GET {response.request.url.path} answered {status}",
+        retry_after=float(raw) if raw.isdigit() else 0.0,
+        retryable=status == 429 or status >= 500,
+    )
+
+
 @attrs.frozen
 class Candle:
     """One minute of trades: its start and its extremes (and last price)."""
@@ -113,13 +127,6 @@ async def fetch(
         f"/products/{symbol}/candles",
         params={"granularity": str(GRANULARITY_S), "start": _iso(start), "end": _iso(end)},
     )
-    if response.status_code != 200:
-        raw = response.headers.get("Retry-After", "")
-        status = response.status_code
-        raise CandlesUnreadable(
-            f"GET /products/{symbol}/candles answered {status}",
-            retry_after=float(raw) if raw.isdigit() else 0.0,
-            retryable=status == 429 or status >= 500,
-        )
+    check_answered(response, CandlesUnreadable)
     # Coinbase's range is inclusive of ``end``: a row of the next range is left to that one.
     return [c for c in parse_candles(response.content) if start <= c.start < end]

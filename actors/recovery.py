@@ -46,7 +46,7 @@ import trio
 
 from tickguard.actors import candles
 from tickguard.actors.backoff import full_jitter
-from tickguard.actors.candles import Candle, MarketDataUnreadable
+from tickguard.actors.candles import Candle, MarketDataUnreadable, check_answered
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import RecoverGap, Watermark
 from tickguard.actors.products import USER_AGENT
@@ -195,14 +195,7 @@ async def fetch_page(client: httpx.AsyncClient, symbol: str, older_than: int, li
     response = await client.get(
         f"/products/{symbol}/trades", params={"after": str(older_than), "limit": str(limit)}
     )
-    if response.status_code != 200:
-        raw = response.headers.get("Retry-After", "")
-        status = response.status_code
-        raise TradesUnreadable(
-            f"GET /products/{symbol}/trades answered {status}",
-            retry_after=float(raw) if raw.isdigit() else 0.0,
-            retryable=status == 429 or status >= 500,
-        )
+    check_answered(response, TradesUnreadable)
     try:
         return response.json()
     except ValueError as exc:  # a body cut short, or not JSON
