@@ -50,7 +50,16 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "GAP_FILL",
     "RECOVERY_MAX_GAP_S",
     "EVENT_RETENTION_DAYS",
+    "TICKGUARD_ROLE",
+    "REDIS_URL",
+    "API_WORKERS",
+    "ENGINE_LEASE_TTL_MS",
+    "ENGINE_PARTITIONS",
+    "ENGINE_ID",
 )
+
+# The roles one process can play (issue 17); "all" is every one of them in one process.
+ROLES: tuple[str, ...] = ("api", "engine", "gateway")
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
@@ -134,6 +143,22 @@ class Settings:
     recovery_max_gap_s: int = 604_800  # a longer gap is flagged and not judged (7 days)
     # Event log (issue 17): events of positions closed longer ago may be pruned; 0 = keep all.
     event_retention_days: int = 30
+    # Roles (issue 17, docs/SCALING.md): what this process runs; all three is today's process.
+    roles: tuple[str, ...] = ROLES
+    redis_url: str | None = attrs.field(default=None, repr=_redact_url)
+    api_workers: int = 1
+    engine_lease_ttl_ms: int = 5000
+    engine_partitions: int = 64
+    engine_id: str | None = None  # the lease owner's name; default host:pid
+
+    @property
+    def split(self) -> bool:
+        """This process plays only some roles: the others run elsewhere (Redis, a shared
+        PostgreSQL)."""
+        return set(self.roles) != set(ROLES)
+
+    def plays(self, role: str) -> bool:
+        return role in self.roles
 
     def describe_database(self) -> str:
         """Where the data lives, safe to log: the URL without its password, or the embedded
@@ -224,6 +249,7 @@ class _Reader:
             ),
         )
         settings = self._with_identity(settings, defaults)
+        settings = self._with_roles(settings, defaults)
         if base > most:
             self._problems.append(
                 f"WS_RECONNECT_BASE_MS ({base}) must not exceed WS_RECONNECT_MAX_MS ({most})"
@@ -259,6 +285,39 @@ class _Reader:
                 "WS_CONNECTS_PER_ADDRESS_PER_MIN", defaults.ws_connects_per_address_per_min, _limit
             ),
         )
+
+    def _with_roles(self, settings: Settings, defaults: Settings) -> Settings:
+        """``settings`` with the role variables read; a split process needs Redis and a shared
+        PostgreSQL (the embedded one lives inside one process)."""
+        settings = attrs.evolve(
+            settings,
+            roles=self._get("TICKGUARD_ROLE", defaults.roles, _roles),
+            redis_url=self._get("REDIS_URL", defaults.redis_url, _redis_url),
+            api_workers=self._get("API_WORKERS", defaults.api_workers, _workers),
+            engine_lease_ttl_ms=self._get(
+                "ENGINE_LEASE_TTL_MS", defaults.engine_lease_ttl_ms, _lease_ttl
+            ),
+            engine_partitions=self._get(
+                "ENGINE_PARTITIONS", defaults.engine_partitions, _partitions
+            ),
+            engine_id=self._get("ENGINE_ID", defaults.engine_id, _claim_text),
+        )
+        if settings.split:
+            roles = ",".join(settings.roles)
+            if settings.redis_url is None:
+                self._problems.append(
+                    f"TICKGUARD_ROLE={roles} runs part of tickguard in this process: set REDIS_URL "
+                    "(e.g. redis://127.0.0.1:6379/0) so the processes can wake each other"
+                )
+            if settings.database_url is None:
+                self._problems.append(
+                    f"TICKGUARD_ROLE={roles} runs part of tickguard in this process: set "
+                    "DATABASE_URL to the PostgreSQL every process shares (the embedded one "
+                    "belongs to a single process)"
+                )
+        if settings.api_workers > 1 and not settings.plays("api"):
+            self._problems.append("API_WORKERS above 1 needs the api role (TICKGUARD_ROLE)")
+        return settings
 
     def _check_exposure(self, settings: Settings) -> None:
         # Without authentication anyone who reaches the port acts as any user: only loopback
@@ -399,6 +458,37 @@ def _gap_seconds(name: str, raw: str) -> int:
 
 
 _MAX_RETENTION_DAYS = 36_500
+
+
+def _roles(name: str, raw: str) -> tuple[str, ...]:
+    items = [item.strip().lower() for item in raw.split(",")]
+    if items == ["all"]:
+        return ROLES
+    if not items or any(item not in ROLES for item in items):
+        raise _Invalid(
+            f"{name} must be all, or one or more of {', '.join(ROLES)} separated by commas, "
+            f"got {raw!r}"
+        )
+    return tuple(role for role in ROLES if role in items)
+
+
+def _redis_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise _Invalid(f"{name} must be a redis://host:port/db URL, got {_url_without_password(raw)!r}")
+    return raw
+
+
+def _workers(name: str, raw: str) -> int:
+    return _integer(name, raw, 1, 64, "an integer from 1 to 64")
+
+
+def _lease_ttl(name: str, raw: str) -> int:
+    return _integer(name, raw, 100, 600_000, "milliseconds from 100 to 600000")
+
+
+def _partitions(name: str, raw: str) -> int:
+    return _integer(name, raw, 1, 4096, "an integer from 1 to 4096")
 
 
 def _retention_days(name: str, raw: str) -> int:

@@ -57,7 +57,11 @@ def test_defaults_match_the_design_table() -> None:
 
 
 def test_settings_fields_are_exactly_the_known_variables() -> None:
-    renamed = {"CORS_ORIGIN": "cors_origins", "TICKGUARD_DATA_DIR": "data_dir"}
+    renamed = {
+        "CORS_ORIGIN": "cors_origins",
+        "TICKGUARD_DATA_DIR": "data_dir",
+        "TICKGUARD_ROLE": "roles",
+    }
     expected = {renamed.get(name, name.lower()) for name in KNOWN_VARIABLES}
     assert {field.name for field in Settings.__attrs_attrs__} == expected
 
@@ -190,6 +194,13 @@ BAD_VALUES = [
     ("RATE_LIMIT_PER_USER", "2.5"),
     ("RATE_LIMIT_PER_ADDRESS", "lots"),
     ("WS_CONNECTS_PER_ADDRESS_PER_MIN", "1000001"),
+    ("TICKGUARD_ROLE", "api,broker"),
+    ("TICKGUARD_ROLE", ","),
+    ("REDIS_URL", "http://127.0.0.1:6379"),
+    ("API_WORKERS", "0"),
+    ("ENGINE_LEASE_TTL_MS", "10"),
+    ("ENGINE_PARTITIONS", "0"),
+    ("ENGINE_ID", "engine\x00a"),
 ]
 
 
@@ -360,3 +371,31 @@ def test_a_non_loopback_host_is_allowed_with_auth_or_said_out_loud() -> None:
 def test_event_retention_days_takes_zero_as_keep_forever() -> None:
     assert load(EVENT_RETENTION_DAYS="0").event_retention_days == 0
     assert load(EVENT_RETENTION_DAYS="7").event_retention_days == 7
+
+
+def test_roles_default_to_all_and_a_split_process_needs_redis_and_a_shared_database() -> None:
+    assert load().roles == ("api", "engine", "gateway")
+    assert not load().split
+    assert load(TICKGUARD_ROLE="all").roles == ("api", "engine", "gateway")
+    # Order and case do not matter; the tuple is always in ROLES order.
+    both = load(
+        TICKGUARD_ROLE="Gateway, api",
+        REDIS_URL="redis://127.0.0.1:6379/0",
+        DATABASE_URL="postgresql://app@db/app",
+    )
+    assert both.roles == ("api", "gateway") and both.split and not both.plays("engine")
+    with pytest.raises(ConfigError) as caught:
+        load(TICKGUARD_ROLE="engine")
+    message = str(caught.value)
+    assert "REDIS_URL" in message and "DATABASE_URL" in message
+
+
+def test_workers_need_the_api_role() -> None:
+    with pytest.raises(ConfigError, match="API_WORKERS"):
+        load(
+            API_WORKERS="2",
+            TICKGUARD_ROLE="gateway",
+            REDIS_URL="redis://127.0.0.1:6379/0",
+            DATABASE_URL="postgresql://app@db/app",
+        )
+    assert load(API_WORKERS="2").api_workers == 2
