@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -25,7 +26,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tickguard {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="run the service (the default)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the service (the default)",
+        description="Run tickguard. Without --role it is one process playing every role.",
+    )
+    serve.add_argument(
+        "--role",
+        metavar="ROLES",
+        help="all (default), or api, engine, gateway, or a comma list such as api,gateway: the "
+        "others run in other processes sharing DATABASE_URL and REDIS_URL (TICKGUARD_ROLE)",
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="api processes sharing PORT (API_WORKERS, default 1)",
+    )
     commands.add_parser("migrate", help="apply database migrations and exit")
     db = commands.add_parser("db", help="dump or restore the database")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
@@ -72,8 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sim_main(args_list[1:])
     args = _parser().parse_args(args_list)
+    # Command-line options win over the environment and are validated the same way.
+    environ = dict(os.environ)
+    for option, variable in (("role", "TICKGUARD_ROLE"), ("workers", "API_WORKERS")):
+        value = getattr(args, option, None)
+        if value is not None:
+            environ[variable] = value
     try:
-        settings = load_settings()
+        settings = load_settings(environ)
     except ConfigError as exc:
         print(f"tickguard: invalid configuration:\n{exc}", file=sys.stderr)
         return 2

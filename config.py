@@ -475,7 +475,9 @@ def _roles(name: str, raw: str) -> tuple[str, ...]:
 def _redis_url(name: str, raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise _Invalid(f"{name} must be a redis://host:port/db URL, got {_url_without_password(raw)!r}")
+        raise _Invalid(
+            f"{name} must be a redis://host:port/db URL, got {_url_without_password(raw)!r}"
+        )
     return raw
 
 
