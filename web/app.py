@@ -23,6 +23,7 @@ from tickguard.web.dashboard import dashboard
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
+from tickguard.web.probes import probes
 from tickguard.web.routes import routes
 from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import EXTENSION, AppServices, FeedReport, services_of
@@ -65,12 +66,18 @@ def create_app(services: AppServices) -> QuartTrio:
     origin.install(app, services.settings.cors_origins)
     identity.install(app, services.settings)
     content_type.install(app)  # a preflight has no body to check
-    app.register_blueprint(routes)
-    app.register_blueprint(audit)
-    app.register_blueprint(ws)
+    # Every process answers the probes and /metrics; /api/* is the api role's, /ws the
+    # gateway's (issue 17: one process of `--role all` plays both).
+    settings = services.settings
+    app.register_blueprint(probes)
+    if settings.plays("api"):
+        app.register_blueprint(routes)
+        app.register_blueprint(audit)
+        app.register_blueprint(dashboard)
+    if settings.plays("gateway"):
+        app.register_blueprint(ws)
     app.register_blueprint(openapi)
     app.register_blueprint(metrics)
-    app.register_blueprint(dashboard)
     # Request ids, the access line, early-answer closes and the /health shortcut: one layer.
     edge.install(app)
     return app

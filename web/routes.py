@@ -1,4 +1,4 @@
-"""The REST routes of API.md: health, readiness, and positions.
+"""The REST routes of API.md for positions (/health and /ready are ``web.probes``).
 
 Reads go straight to storage; every write is a request to the persistence actor (``ask``),
 which commits before it answers. Handlers structure requests into the classes of
@@ -27,12 +27,10 @@ from tickguard.actors.messages import (
     CreateResult,
     NewPosition,
 )
-from tickguard.storage import DatabaseUnavailable, IdempotencyKeyReused, reads
+from tickguard.storage import IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
-from tickguard.web.health import health_body
 from tickguard.web.identity import acting_user, with_token_user
 from tickguard.web.json import json_response, page_bytes, raw_json_response
-from tickguard.web.metrics import recovery_report
 from tickguard.web.schemas import (
     IDEMPOTENCY_KEY,
     LIST_BOUND,
@@ -104,26 +102,16 @@ def _check_bracket(body: CreatePosition, entry: Decimal) -> None:
         raise ApiError(400, problem, {field: problem})
 
 
-@routes.get("/health")
-async def health() -> Response:
-    # A plain GET is answered by web.health before it gets here; HEAD and tests' apps come here.
-    return raw_json_response(health_body())
-
-
-@routes.get("/ready")
-async def ready() -> Response:
-    services = _services()
-    feed = services.feed_status.snapshot() if services.feed_status is not None else {}
-    # Gaps flagged and not judged: reported, never a reason to be unready (nothing a restart
-    # or another instance could fix; docs/DECISIONS.md).
-    recovery = recovery_report(services)
-    extra = {} if recovery is None else {"recovery": recovery}
+async def _last_price(services: AppServices, symbol: str) -> Decimal | None:
+    """The symbol's last traded price: this process's feed, or (api role, issue 17) what the
+    owning engine published to Redis."""
+    if services.prices is None:
+        slot = services.slots.peek(symbol)
+        return slot.last_price if slot is not None else None
     try:
-        await services.db.ping()
-    except DatabaseUnavailable:
-        body = {"ok": False, "database": "unavailable", "feed": feed, **extra}
-        return json_response(body, 503, {"Retry-After": "2"})
-    return json_response({"ok": True, "database": "ok", "feed": feed, **extra})
+        return await services.prices(symbol)
+    except Exception as exc:  # Redis away: the price is unknown for now, not a crash
+        raise unavailable(f"the last price of {symbol} cannot be read right now") from exc
 
 
 def fingerprint(body: CreatePosition) -> str:
@@ -166,8 +154,7 @@ async def create_position() -> Response:
         message = f"Unknown symbol: {symbol} is not a valid product."
         raise ApiError(400, message, {"symbol": message}) from None
     if entry is None:
-        slot = services.slots.peek(symbol)
-        entry = slot.last_price if slot is not None else None
+        entry = await _last_price(services, symbol)
         if entry is None:
             message = f"entryPrice is required: there is no market price for {symbol} yet."
             raise ApiError(400, message, {"entryPrice": message})

@@ -6,6 +6,8 @@ The supervisor builds one ``AppServices`` and passes it to ``create_app``; handl
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any, Protocol
 
 import attrs
@@ -60,6 +62,10 @@ class AppServices:
     metrics: Any = None
     ws_stats: WsStats = attrs.field(factory=WsStats)
     request_timeout: float = 10.0
+    # Split roles (issue 17): the last price of a symbol from Redis instead of ``slots``
+    # (raises when Redis cannot be read), and what /ready adds about roles and ownership.
+    prices: Callable[[str], Awaitable[Decimal | None]] | None = None
+    roles_report: Callable[[], dict[str, Any]] | None = None
 
 
 def services_of(app: App) -> AppServices:
