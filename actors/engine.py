@@ -18,6 +18,7 @@ again; a price that came back inside the bracket meanwhile does not close it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -52,7 +53,7 @@ from tickguard.actors.messages import (
     Watch,
     Watermark,
 )
-from tickguard.actors.triggers import Load, Trigger, TriggerIndex
+from tickguard.actors.triggers import Load, Trigger, TriggerIndex, judge_linear
 from tickguard.actors.window import TickWindow, WindowSlot
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,12 @@ class EngineConfig:
     first_batch: int = 128
     batch_growth: int = 8
     max_batch: int = 2500
+    # Split roles (issue 17): a Track reaches an engine process through the event log, after
+    # windows newer than the position may already have been judged. The engine keeps this many
+    # recent windows and judges a tracked position against those made only of trades after its
+    # creation before it joins the index. 0 (one process: Track follows the commit at once)
+    # keeps none.
+    catch_up_windows: int = 0
 
 
 @attrs.define
@@ -100,6 +107,7 @@ class EngineStats:
     handed_over: int = 0  # orders sent fire-and-forget when the engine stopped
     recovered_windows: int = 0  # windows of trades fetched after a gap (issue 14)
     recovered_closes: int = 0  # triggers judged from them
+    caught_up_closes: int = 0  # positions tracked late, closed by a window judged before
     last_window_latency_s: float | None = None  # time spent judging the last window
     last_window_time: datetime | None = None  # its last trade time
 
@@ -131,7 +139,9 @@ async def run(
     """
     stats = stats if stats is not None else EngineStats()
     closer = _Closer(symbol, persistence, config, stats, faults)
-    engine = _Engine(symbol, TriggerIndex(), closer, stats, config.gap_fill)
+    engine = _Engine(
+        symbol, TriggerIndex(), closer, stats, config.gap_fill, config.catch_up_windows
+    )
     load = Load()
     # The ticks pending now came before this load began; the ones put during the load may be
     # newer than the position a create started this engine for. Kept apart, each backlog window
@@ -210,7 +220,7 @@ async def _follow_inbox(
             position = message.position
             if slot.then(functools.partial(engine.watch_deferred, position.id)):
                 engine.defer(position)
-            else:
+            elif not engine.catch_up(position):
                 engine.watch(position)
         elif isinstance(message, Untrack):
             engine.unwatch(message.position_id)
@@ -230,6 +240,7 @@ class _Engine:
         closer: _Closer,
         stats: EngineStats,
         gap_fill: Literal["level", "trade"] = "level",
+        catch_up_windows: int = 0,
     ):
         self.symbol = symbol
         self._index = index
@@ -238,6 +249,32 @@ class _Engine:
         self._gap_fill = gap_fill
         # Tracked while a recovery held older windows back: watched once those are judged.
         self._deferred: dict[uuid.UUID, Position] = {}
+        # The last judged windows, for positions tracked late (EngineConfig.catch_up_windows).
+        self._recent: collections.deque[TickWindow] = collections.deque(maxlen=catch_up_windows)
+
+    def catch_up(self, position: Position) -> bool:
+        """Judge a newly tracked ``position`` against the recent windows made only of trades
+        after it was created (invariant 10), oldest first; True when one triggered it (its
+        close is handed to the closer and it is not watched)."""
+        if position.symbol != self.symbol or position.status != "open":
+            return False
+        if position.id in self._index:  # watched already: it saw those windows
+            return False
+        if position.id in self._closer:
+            return True
+        for window in self._recent:
+            if window.first_time <= position.created_at:
+                continue
+            triggers = judge_linear([position], window)
+            if triggers:
+                self._closer.submit(_orders(triggers, window, self._gap_fill))
+                self._stats.caught_up_closes += 1
+                if triggers[0].reason == "stop_loss":
+                    self._stats.stop_losses += 1
+                else:
+                    self._stats.take_profits += 1
+                return True
+        return False
 
     def defer(self, position: Position) -> None:
         """Watch ``position`` later (``watch_deferred``), unless it is untracked first."""
@@ -293,6 +330,8 @@ class _Engine:
         """Judge one window and hand what it triggered to the closer, as one batch."""
         started = time.perf_counter()
         triggers = self._index.judge(window, created_before=created_before)
+        if self._recent.maxlen:
+            self._recent.append(window)
         if triggers:
             self._closer.submit(_orders(triggers, window, self._gap_fill))
         # Everything up to this trade is judged; what it triggered is now the closer's.

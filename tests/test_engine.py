@@ -769,3 +769,35 @@ async def test_default_batches_grow_eightfold_up_to_the_close_chunk(autojump_clo
         # 128, then 8 x 128 = 1,024, then the cap, then what is left.
         assert [len(r.orders) for r in requests] == [128, 1024, 1500, 348]
         assert [r.watermark is not None for r in requests] == [False, False, False, True]
+
+
+async def test_a_position_tracked_late_is_judged_against_the_windows_after_its_creation(
+    autojump_clock,
+) -> None:
+    """Split roles (issue 17): the Track of a position created by an api process arrives
+    through the event log, after windows newer than the position were judged. With catch-up
+    the engine judges it against those windows (and only those: an older extreme never closes
+    it, invariant 10); without catch-up (one process) it waits for the next window."""
+    late = position(sl="90", created=5)
+    older_extreme = position(sl="84", created=5)
+    config = attrs.evolve(CONFIG, catch_up_windows=8)
+    async with engine_running(config=config) as h:
+        h.tick("80", 3)  # before both existed
+        await until(lambda: h.stats.windows_judged == 1)
+        h.tick("89", 6)  # after: crosses `late`'s stop, not `older_extreme`'s
+        await until(lambda: h.stats.windows_judged == 2)
+        await h.inbox.send(Track(late))
+        await h.inbox.send(Track(older_extreme))
+        _, request = await h.db.next_request()
+        assert list(request.orders) == [
+            CloseOrder(late.id, Decimal("90"), "stop_loss", triggered_at=at(6), trade_id=6)
+        ]
+        await until(lambda: h.stats.caught_up_closes == 1)
+        assert h.stats.positions_open == 1  # older_extreme is watched, not closed
+    async with engine_running() as h:
+        h.tick("89", 6)
+        await until(lambda: h.stats.windows_judged == 1)
+        await h.inbox.send(Track(late))
+        await until(lambda: h.stats.positions_open == 1)
+        await h.db.no_request_for(10)
+        assert h.stats.caught_up_closes == 0
