@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -43,7 +44,13 @@ from tickguard.actors.engines import EngineDirectory
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FanoutMessage, FeedCommand, PersistenceRequest, RecoverGap
+from tickguard.actors.messages import (
+    Event,
+    FanoutMessage,
+    FeedCommand,
+    PersistenceRequest,
+    RecoverGap,
+)
 from tickguard.actors.supervision import (
     ChildSpec,
     RestartPolicy,
@@ -78,6 +85,8 @@ class Tree:
     urls: list[str]  # where web listens, once it started (port 0 picks a free port)
     catalog: products.ProductCatalog = attrs.field(factory=products.ProductCatalog)
     recovery_stats: recovery.RecoveryStats = attrs.field(factory=recovery.RecoveryStats)
+    # Split roles (issue 17): the engine role's lease and terms (None without the role).
+    engine_role: Any = None
 
 
 def feed_config(settings: Settings) -> feed.FeedConfig:
@@ -249,6 +258,250 @@ def build_tree(
     )
 
 
+class _EnginesElsewhere:
+    """Persistence's engine registry in a split api process: the engines run in another process
+    and learn of creates and closes from the event log, so Track/Untrack go nowhere."""
+
+    def send(self, symbol: str, message: Any) -> None:
+        pass
+
+
+def _split_children(
+    settings: Settings,
+    db: Database,
+    bus: Any,
+    *,
+    faults: FaultPoints | None,
+    policy: RestartPolicy,
+    fanout_config: fanout.FanoutConfig,
+    recovery_config: recovery.RecoveryConfig | None,
+) -> tuple[list[ChildSpec], dict[str, Any]]:
+    """The children of a process playing some of the roles (issue 17), and what the web app
+    is given of them. Each role talks to the others only through PostgreSQL (the event log)
+    and Redis (wake-ups, last prices)."""
+    from tickguard.actors import engine_role, follower, lease, notifier
+
+    grace_s = settings.shutdown_grace_ms / 1000
+    children: list[ChildSpec] = []
+    parts: dict[str, Any] = {"roles_report": None}
+    reports: list[Any] = []
+    if settings.plays("api"):
+        persistence_box: Mailbox[PersistenceRequest] = Mailbox("persistence")
+        notify_box: Mailbox[FanoutMessage] = Mailbox("notifier")
+        persistence_stats = persistence.PersistenceStats()
+        catalog = products.ProductCatalog()
+        children += [
+            ChildSpec(
+                "persistence",
+                functools.partial(
+                    persistence.run,
+                    persistence_box,
+                    db,
+                    notify_box,
+                    _EnginesElsewhere(),
+                    config=persistence.PersistenceConfig(
+                        max_open_per_user=settings.max_open_positions_per_user,
+                        event_retention=_retention(settings),
+                    ),
+                    stats=persistence_stats,
+                    faults=faults,
+                ),
+                mailboxes=(persistence_box,),
+                graceful=True,
+                grace_s=grace_s,
+            ),
+            ChildSpec("notifier", functools.partial(notifier.run, notify_box, bus)),
+            ChildSpec(
+                "products",
+                functools.partial(
+                    products.run,
+                    products.CatalogConfig(settings.coinbase_rest_url, settings.products_refresh_s),
+                    catalog,
+                ),
+            ),
+        ]
+        parts.update(
+            persistence=persistence_box,
+            persistence_stats=persistence_stats,
+            catalog=catalog,
+            prices=bus.get_price,
+        )
+    if settings.plays("gateway"):
+        fanout_box: Mailbox[FanoutMessage] = Mailbox("fanout")
+        follower_stats = follower.FollowerStats()
+        children += [
+            ChildSpec(
+                "fanout",
+                functools.partial(fanout.run, fanout_box, config=fanout_config, faults=faults),
+                mailboxes=(fanout_box,),
+            ),
+            ChildSpec(
+                "gateway-follower",
+                functools.partial(
+                    follower.run,
+                    db.read_only(),
+                    functools.partial(_to_fanout, fanout_box),
+                    wakeups=bus.wakeups(notifier.EVENTS_TOPIC),
+                    stats=follower_stats,
+                ),
+            ),
+        ]
+        parts.update(fanout=fanout_box, fanout_stats=fanout_config.stats)
+    if settings.plays("engine"):
+        state = lease.LeaseState()
+        role = engine_role.EngineRole(state)
+        owner = settings.engine_id or f"{socket.gethostname()}:{os.getpid()}"
+        children += [
+            ChildSpec(
+                "lease",
+                functools.partial(
+                    lease.run,
+                    db,
+                    lease.LeaseConfig(
+                        owner=owner,
+                        partitions=engine_role.LEASE_PARTITIONS,
+                        ttl_ms=settings.engine_lease_ttl_ms,
+                    ),
+                    state,
+                ),
+            ),
+            ChildSpec(
+                "engine-role",
+                functools.partial(
+                    engine_role.run,
+                    settings,
+                    db,
+                    bus,
+                    role,
+                    faults=faults,
+                    policy=policy,
+                    recovery_config=recovery_config,
+                ),
+                graceful=True,
+                grace_s=grace_s * 2,  # the term drains engines, then persistence
+            ),
+        ]
+        parts.update(engine_role=role, feed_status=role.feed_status)
+        reports.append(role.report)
+
+    def roles_report() -> dict[str, Any]:
+        report: dict[str, Any] = {"roles": list(settings.roles)}
+        for more in reports:
+            report.update(more())
+        return report
+
+    parts["roles_report"] = roles_report
+    return children, parts
+
+
+def _to_fanout(fanout_box: Mailbox[FanoutMessage], batch: list[Any]) -> None:
+    """The gateway's share of the event log: each user's events in ``seq`` order."""
+    for event in sorted(batch, key=lambda e: (e.user_id, e.seq)):
+        fanout_box.send_nowait(
+            Event(event.id, event.user_id, event.seq, event.type, event.message, event.position_id)
+        )
+
+
+def _retention(settings: Settings) -> timedelta | None:
+    days = settings.event_retention_days
+    return timedelta(days=days) if days > 0 else None
+
+
+# The order a split process stops in: stop accepting, hand the lease over after the engines
+# drained, then the writers and the sessions.
+SPLIT_STOP_ORDER = [
+    "web",
+    "engine-role",
+    "lease",
+    "gateway-follower",
+    "persistence",
+    "notifier",
+    "fanout",
+    "products",
+]
+
+
+def build_split_tree(
+    settings: Settings,
+    db: Database,
+    bus: Any,
+    *,
+    faults: FaultPoints | None = None,
+    policy: RestartPolicy = RestartPolicy(),
+    fanout_config: fanout.FanoutConfig | None = None,
+    recovery_config: recovery.RecoveryConfig | None = None,
+) -> Tree:
+    """The tree of a process playing some of the roles (``settings.roles``, issue 17)."""
+    from tickguard.web.app import AppServices, create_app, serve
+    from tickguard.web.metrics import MetricsSources
+
+    fanout_config = fanout_config or fanout.FanoutConfig()
+    children, parts = _split_children(
+        settings,
+        db,
+        bus,
+        faults=faults,
+        policy=policy,
+        fanout_config=fanout_config,
+        recovery_config=recovery_config,
+    )
+    role = parts.get("engine_role")
+    unused_persistence: Mailbox[PersistenceRequest] = Mailbox("persistence")
+    unused_fanout: Mailbox[FanoutMessage] = Mailbox("fanout")
+    feed_status = parts.get("feed_status") or FeedStatus()
+    app = create_app(
+        AppServices(
+            settings=settings,
+            db=db.read_only(),
+            persistence=parts.get("persistence", unused_persistence),
+            fanout=parts.get("fanout", unused_fanout),
+            feed=None,
+            feed_status=parts.get("feed_status"),
+            catalog=parts.get("catalog"),
+            prices=parts.get("prices"),
+            roles_report=parts["roles_report"],
+            metrics=MetricsSources(
+                role.engine_stats if role is not None else {},
+                role.persistence_stats if role is not None else parts.get("persistence_stats"),
+                parts.get("fanout_stats"),
+                role.recovery_stats if role is not None else None,
+            ),
+        )
+    )
+    urls: list[str] = []
+    grace_s = settings.shutdown_grace_ms / 1000
+    children.append(
+        ChildSpec(
+            "web",
+            functools.partial(_web, serve, app, settings, urls),
+            graceful=True,
+            grace_s=grace_s,
+        )
+    )
+    slots = WindowSlots()
+    supervisor = Supervisor(
+        children,
+        policy,
+        stop_order=[name for name in SPLIT_STOP_ORDER if any(c.id == name for c in children)],
+    )
+    return Tree(
+        settings,
+        db,
+        supervisor,
+        slots,
+        parts.get("persistence", unused_persistence),
+        parts.get("fanout", unused_fanout),
+        Mailbox("feed"),
+        feed_status,
+        EngineDirectory(db, slots, unused_persistence, None),
+        app,
+        urls,
+        parts.get("catalog") or products.ProductCatalog(),
+        role.recovery_stats if role is not None else recovery.RecoveryStats(),
+        engine_role=role,
+    )
+
+
 async def _web(
     serve: Any,
     app: Any,
@@ -349,6 +602,18 @@ async def open_storage(
             await trio.to_thread.run_sync(server.stop)
 
 
+@asynccontextmanager
+async def _open_bus(settings: Settings) -> AsyncIterator[Any]:
+    """Redis (wake-ups, last prices) for a split process; nothing for ``--role all``."""
+    if not settings.split or settings.redis_url is None:
+        yield None
+        return
+    from tickguard.storage.bus import open_bus
+
+    async with open_bus(settings.redis_url) as bus:
+        yield bus
+
+
 def _leaves(group: BaseExceptionGroup[Any], kind: type[E]) -> list[E]:
     """The exceptions of type ``kind`` in ``group``, however deeply nurseries nested it."""
     found: list[E] = []
@@ -412,8 +677,14 @@ async def _serve(
             try:
                 async with trio.open_nursery() as guard:
                     guard.start_soon(on_signal)
-                    async with open_storage(settings, postgres_policy=postgres_policy) as db:
-                        tree = build_tree(settings, db, faults=faults)
+                    async with (
+                        open_storage(settings, postgres_policy=postgres_policy) as db,
+                        _open_bus(settings) as bus,
+                    ):
+                        if settings.split:
+                            tree = build_split_tree(settings, db, bus, faults=faults)
+                        else:
+                            tree = build_tree(settings, db, faults=faults)
                         async with trio.open_nursery() as nursery:
                             await nursery.start(tree.supervisor.run)
                             tree_ready.set()

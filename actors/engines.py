@@ -40,6 +40,7 @@ class EngineDirectory:
         *,
         engine_config: engine.EngineConfig = engine.EngineConfig(),
         faults: FaultPoints | None = None,
+        stats: dict[str, engine.EngineStats] | None = None,
     ) -> None:
         self.db = db
         self.slots = slots
@@ -48,7 +49,8 @@ class EngineDirectory:
         self.engine_config = engine_config
         self.faults = faults
         self.mailboxes: dict[str, Mailbox[Track | Untrack]] = {}
-        self.stats: dict[str, engine.EngineStats] = {}  # per symbol, across engine restarts
+        # Per symbol, across engine restarts (and, given, across engine-role terms).
+        self.stats: dict[str, engine.EngineStats] = {} if stats is None else stats
         self.supervisor = Supervisor([ChildSpec("engine-starter", self._run_starter)])
         self._wanted_send, self._wanted = trio.open_memory_channel[str](math.inf)
 

@@ -190,3 +190,6 @@ class WindowSlots:
 
     def peek(self, symbol: str) -> WindowSlot | None:
         return self._slots.get(symbol)
+
+    def items(self) -> list[tuple[str, WindowSlot]]:
+        return list(self._slots.items())
