@@ -82,6 +82,20 @@ async def _migrate(url: str) -> None:
 
 
 @pytest.fixture
+async def own_database(database_url: str) -> AsyncIterator[str]:
+    """A new, empty database on the session's server, for one subprocess test (the processes
+    migrate it themselves)."""
+    name = f"tickguard_fault_{uuid.uuid4().hex[:10]}"
+    async with open_database(database_url) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(database_url, name)
+    finally:
+        async with open_database(database_url) as admin:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
     """A pool on the session's database, with every table emptied first."""
     async with open_database(database_url, timeout=10.0) as database:

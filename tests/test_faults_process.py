@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -37,22 +36,6 @@ def figures() -> Iterator[Figures]:
     collected = Figures()
     yield collected
     collected.flush()
-
-
-@pytest.fixture
-async def own_database(database_url: str) -> AsyncIterator[str]:
-    """A new, empty database on the session's server, for one subprocess test."""
-    name = f"tickguard_fault_{uuid.uuid4().hex[:10]}"
-    await _admin(database_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield urlunsplit(urlsplit(database_url)._replace(path="/" + name))
-    finally:
-        await _admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-async def _admin(url: str, sql: str) -> None:
-    async with open_database(url) as db:
-        await db.execute(sql)
 
 
 def _free_port() -> int:

@@ -50,7 +50,7 @@ import pytest
 import trio
 import trio_asyncio
 from fault_helpers import Figures, Run, audit, until
-from test_faults_process import own_database, tickguard_process  # noqa: F401 (a fixture)
+from test_faults_process import tickguard_process
 
 from tickguard.actors.engine import EngineConfig
 from tickguard.domain import NewPosition
@@ -151,7 +151,7 @@ class RowLock:
 
 
 async def test_kill_9_mid_cascade_of_3000_then_price_back_closes_each_crossed_stop_once(
-    own_database: str,  # noqa: F811 (the fixture imported above)
+    own_database: str,
     tmp_path: Path,
     figures: Figures,
 ) -> None:

@@ -1,0 +1,332 @@
+"""Split roles (issue 17): api, engine and gateway as separate processes of one binary.
+
+Every scenario runs real ``python -m tickguard serve --role …`` processes on one PostgreSQL
+database of their own and one Redis (``TEST_REDIS_URL`` or a ``redis-server`` the test
+starts), fed by the Coinbase-protocol simulator over real sockets. The engine lease TTL is
+shrunk so that a takeover fits a test; timing bounds are hang guards only.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+from fault_helpers import audit, long_with_stop, until
+from service_harness import event_stream
+from test_faults_process import Tickguard, tickguard_process
+
+from tickguard.sim import Simulator, open_simulator
+from tickguard.storage import open_database
+from tickguard.wire import loads
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+LEASE_TTL_MS = 1500
+
+
+@attrs.define
+class Node:
+    """One role process and how to reach it."""
+
+    process: Tickguard
+    http: httpx.AsyncClient
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
+
+    def ws_url(self, user_id: str, since: int | None = None) -> str:
+        url = self.base_url.replace("http://", "ws://", 1) + f"/ws?userId={user_id}"
+        return url if since is None else f"{url}&since={since}"
+
+    async def ready(self) -> dict[str, Any]:
+        response = await self.http.get("/ready")
+        body: dict[str, Any] = loads(response.content)
+        return body
+
+    async def create(self, body: dict[str, Any]) -> httpx.Response:
+        return await self.http.post("/api/positions", json=body)
+
+
+@attrs.define
+class Deployment:
+    database_url: str
+    redis_url: str
+    sim: Simulator
+    logs: Path
+    stack: AsyncExitStack
+    nodes: dict[str, Node] = attrs.field(factory=dict)
+
+    async def start(self, name: str, role: str, **env: str) -> Node:
+        process = await self.stack.enter_async_context(
+            tickguard_process(
+                self.database_url,
+                self.sim,
+                self.logs / f"{name}.log",
+                TICKGUARD_ROLE=role,
+                REDIS_URL=self.redis_url,
+                ENGINE_LEASE_TTL_MS=str(LEASE_TTL_MS),
+                ENGINE_ID=name,
+                WS_HEARTBEAT_TIMEOUT_MS="3000",
+                **env,
+            )
+        )
+        http = await self.stack.enter_async_context(
+            httpx.AsyncClient(base_url=process.base_url, timeout=10)
+        )
+        node = self.nodes[name] = Node(process, http)
+        return node
+
+    async def leader(self) -> str:
+        """The engine process that holds the lease (waits for one)."""
+        found: list[str] = []
+
+        async def one_leads() -> bool:
+            found.clear()
+            for name, node in self.nodes.items():
+                if node.process.process.poll() is not None:
+                    continue
+                body = await node.ready()
+                if body.get("engine", {}).get("leader"):
+                    found.append(name)
+            return len(found) == 1
+
+        await until(one_leads, timeout=30)
+        return found[0]
+
+
+@asynccontextmanager
+async def deployment(
+    database_url: str, redis_url: str, logs: Path, *, price: str = "65000"
+) -> AsyncIterator[Deployment]:
+    async with AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(
+            open_simulator({"BTC-USD": price}, heartbeat_interval=0.2)
+        )
+        yield Deployment(database_url, redis_url, sim, logs, stack)
+
+
+async def _watching(node: Node, symbol: str = "BTC-USD") -> float:
+    """The engine's open positions of ``symbol`` as its /metrics says (0 before it has any)."""
+    text = (await node.http.get("/metrics")).text
+    prefix = f'tickguard_positions_open{{symbol="{symbol}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+async def test_creates_through_two_api_processes_reach_a_gateway_session_once_each_in_seq_order(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with deployment(own_database, redis_url, tmp_path) as d:
+        async with trio.open_nursery() as nursery:
+            for name, role in (
+                ("engine-a", "engine"),
+                ("api-1", "api"),
+                ("api-2", "api"),
+                ("gateway", "gateway"),
+            ):
+                nursery.start_soon(d.start, name, role)
+        await d.leader()
+        gateway, apis = d.nodes["gateway"], [d.nodes["api-1"], d.nodes["api-2"]]
+        # Each process answers its own roles' routes only.
+        assert (await gateway.http.get("/api/positions", params={"userId": "a"})).status_code == 404
+        assert "gateway" not in (await apis[0].ready())["roles"]
+        async with event_stream(gateway, "alice") as stream:  # type: ignore[arg-type]
+            ids: list[str] = []
+
+            async def create(i: int) -> None:
+                response = await apis[i % 2].create(long_with_stop("alice", "60000"))
+                assert response.status_code == 201, response.text
+                ids.append(loads(response.content)["data"]["id"])
+
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(create, i)
+            # A manual close through the other api process is delivered too.
+            closed = await apis[1].http.post(
+                f"/api/positions/{ids[0]}/close", json={"userId": "alice"}
+            )
+            assert closed.status_code == 200, closed.text
+            created = await stream.wait_for("position.created", 20, timeout=30)
+            await stream.wait_for("position.closed", 1, timeout=30)
+        assert sorted(m["position"]["id"] for m in created) == sorted(ids)
+        seqs = [m["seq"] for m in stream.messages if "seq" in m and m["type"] != "connection.ready"]
+        assert seqs == list(range(1, 22))  # gap-free, no duplicate, in order
+        # An omitted entryPrice takes the price the engine published (the simulator's).
+        body = long_with_stop("bob", "60000")
+        del body["entryPrice"]
+
+        async def priced() -> bool:
+            response = await apis[0].create(body)
+            if response.status_code == 201:
+                assert loads(response.content)["data"]["entryPrice"] == "65000"
+                return True
+            assert response.status_code == 400, response.text
+            return False
+
+        await until(priced, timeout=30, poll=0.2)
+
+
+async def test_kill_9_of_the_gateway_then_a_resume_by_since_loses_nothing(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with deployment(own_database, redis_url, tmp_path) as d:
+        async with trio.open_nursery() as nursery:
+            for name, role in (("engine-a", "engine"), ("api", "api"), ("gateway", "gateway")):
+                nursery.start_soon(d.start, name, role)
+        api, gateway = d.nodes["api"], d.nodes["gateway"]
+        async with event_stream(gateway, "carol") as stream:  # type: ignore[arg-type]
+            for _ in range(5):
+                assert (await api.create(long_with_stop("carol", "60000"))).status_code == 201
+            await stream.wait_for("position.created", 5, timeout=30)
+            gateway.process.process.send_signal(signal.SIGKILL)
+            with trio.fail_after(10):
+                await gateway.process.process.wait()
+        last_seen = max(m["seq"] for m in stream.of_type("position.created"))
+        for _ in range(5):  # while no gateway runs
+            assert (await api.create(long_with_stop("carol", "60000"))).status_code == 201
+        again = await d.start("gateway-2", "gateway")
+
+        class Resume:
+            def ws_url(self, user: str) -> str:
+                return again.ws_url(user, since=last_seen)
+
+        async with event_stream(Resume(), "carol") as resumed:  # type: ignore[arg-type]
+            ready = resumed.of_type("connection.ready")[0]
+            assert ready["replayComplete"] is True
+            replayed = await resumed.wait_for("position.created", 5, timeout=30)
+            assert [m["seq"] for m in replayed] == list(range(last_seen + 1, last_seen + 6))
+            # Live events follow the replay without a gap.
+            assert (await api.create(long_with_stop("carol", "60000"))).status_code == 201
+            live = await resumed.wait_for("position.created", 6, timeout=30)
+            assert live[-1]["seq"] == last_seen + 6
+
+
+async def test_kill_9_of_the_engine_leader_while_stops_are_crossed_the_standby_closes_each_once(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with (
+        deployment(own_database, redis_url, tmp_path) as d,
+        open_database(own_database) as db,
+    ):
+        async with trio.open_nursery() as nursery:
+            for name, role in (("engine-a", "engine"), ("engine-b", "engine"), ("api", "api")):
+                nursery.start_soon(d.start, name, role)
+        leader = await d.leader()
+        standby = "engine-b" if leader == "engine-a" else "engine-a"
+        api = d.nodes["api"]
+        triggered: list[str] = []
+        for i in range(200):
+            response = await api.create(long_with_stop("dave", str(64000 + i)))
+            assert response.status_code == 201, response.text
+            triggered.append(loads(response.content)["data"]["id"])
+        untouched = []
+        for _ in range(3):
+            response = await api.create(long_with_stop("erin", "60000"))
+            untouched.append(loads(response.content)["data"]["id"])
+
+        async def all_watched() -> bool:
+            return await _watching(d.nodes[leader]) == 203
+
+        await until(all_watched, timeout=30)
+        # The price walks down through the stops; the leader dies in the middle, and the rest
+        # of the walk happens while no engine holds the lease (recovered from the watermark).
+        for step in range(20):
+            d.sim.publish("BTC-USD", str(64195 - 10 * step))
+            if step == 8:
+                d.nodes[leader].process.process.send_signal(signal.SIGKILL)
+        d.sim.publish("BTC-USD", "63990")
+
+        async def all_closed() -> bool:
+            count = await db.fetchval(
+                "SELECT count(*) FROM positions WHERE id::text = ANY($1::text[]) "
+                "AND status = 'closed'",
+                triggered,
+            )
+            return int(count) == len(triggered)
+
+        await until(all_closed, timeout=60)
+        assert await d.leader() == standby
+        result = await audit(db, triggered, untouched)
+        result.assert_clean()
+
+
+async def test_a_paused_leader_is_fenced_and_never_closes_twice(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with (
+        deployment(own_database, redis_url, tmp_path) as d,
+        open_database(own_database) as db,
+    ):
+        async with trio.open_nursery() as nursery:
+            for name, role in (("engine-a", "engine"), ("engine-b", "engine"), ("api", "api")):
+                nursery.start_soon(d.start, name, role)
+        leader = await d.leader()
+        paused = d.nodes[leader]
+        triggered = []
+        for i in range(50):
+            response = await d.nodes["api"].create(long_with_stop("frank", str(64000 + i)))
+            triggered.append(loads(response.content)["data"]["id"])
+
+        async def watched() -> bool:
+            return await _watching(paused) == 50
+
+        await until(watched, timeout=30)
+        paused.process.process.send_signal(signal.SIGSTOP)
+        try:
+            # The crossing reaches the paused leader's socket too; the standby takes over.
+            d.sim.publish("BTC-USD", "63990")
+
+            async def all_closed() -> bool:
+                count = await db.fetchval(
+                    "SELECT count(*) FROM positions WHERE id::text = ANY($1::text[]) "
+                    "AND status = 'closed'",
+                    triggered,
+                )
+                return int(count) == len(triggered)
+
+            await until(all_closed, timeout=60)
+        finally:
+            paused.process.process.send_signal(signal.SIGCONT)
+        # Resumed, the old leader finds itself fenced: it drops to standby, closes nothing.
+        others = [
+            name for name in d.nodes if name.startswith("engine") and d.nodes[name] is not paused
+        ]
+
+        async def stood_down() -> bool:
+            return not (await paused.ready()).get("engine", {}).get("leader")
+
+        await until(stood_down, timeout=30)
+        assert await d.leader() == others[0]
+        result = await audit(db, triggered)
+        result.assert_clean()
+
+
+async def test_the_open_position_cap_holds_across_api_processes(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with deployment(own_database, redis_url, tmp_path) as d:
+        async with trio.open_nursery() as nursery:
+            for name in ("api-1", "api-2"):
+                nursery.start_soon(
+                    lambda n=name: d.start(n, "api", MAX_OPEN_POSITIONS_PER_USER="5")
+                )
+        statuses: list[int] = []
+
+        async def create(i: int) -> None:
+            node = d.nodes["api-1" if i % 2 else "api-2"]
+            statuses.append((await node.create(long_with_stop("gina", "60000"))).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(create, i)
+        assert sorted(statuses) == [201] * 5 + [400] * 15, statuses
