@@ -334,3 +334,27 @@ def test_the_wheel_builds_without_warnings_and_ships_the_migrations(
     spec = (fresh_clone / "deploy" / "tickguard.spec").read_text()
     assert 'ROOT / "storage" / "migrations"' in spec
     assert '"tickguard/storage/migrations"' in spec
+
+
+def test_the_scaled_compose_profile_runs_each_role_on_shared_postgres_and_redis() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    scaled = {name for name, s in services.items() if "scaled" in s.get("profiles", [])}
+    assert scaled == {"redis", "api", "engine", "gateway", "proxy"}
+    roles = {name: services[name]["command"] for name in ("api", "engine", "gateway")}
+    assert roles == {name: ["serve", "--role", name] for name in roles}
+    assert services["api"]["deploy"]["replicas"] == 2
+    assert services["engine"]["deploy"]["replicas"] == 2
+    for name in roles:
+        environment = services[name]["environment"]
+        assert environment["REDIS_URL"].startswith("redis://redis:")
+        assert "@postgres:5432/" in environment["DATABASE_URL"]
+        assert services[name]["stop_grace_period"] == services["tickguard"]["stop_grace_period"]
+    # One origin for the React app: /ws to the gateway, the rest to the api processes.
+    nginx = (ROOT / "deploy" / "nginx.conf").read_text()
+    ws = re.search(r"location = /ws \{(.*?)\n    \}", nginx, re.S)
+    assert ws and "http://gateway:8080" in ws.group(1) and "Upgrade" in ws.group(1)
+    rest = re.search(r"location / \{(.*?)\n    \}", nginx, re.S)
+    assert rest and "http://api:8080" in rest.group(1)
