@@ -170,7 +170,6 @@ class _Keeper:
             log.warning("leases dropped: not renewed within 2/3 of the TTL: %s", late)
             self.stats.lost += len(late)
             self.forget({p: self.held[p] for p in late})
-            self.publish()
 
     async def acquire(self, partitions: list[int]) -> None:
         if not partitions:
@@ -190,9 +189,12 @@ class _Keeper:
         self.renewed_at.update(dict.fromkeys(got, sent))
 
     def forget(self, partitions: Mapping[int, int]) -> None:
+        """Stop acting on ``partitions`` now: published at once, before any statement that
+        could hand them to another engine (a release) or take long (the next acquire)."""
         for partition in partitions:
             self.held.pop(partition, None)
             self.renewed_at.pop(partition, None)
+        self.publish()
 
     def publish(self) -> None:
         self.state._set(self.held)
@@ -220,7 +222,6 @@ class _Keeper:
         owner (shielded, bounded; if the database is away they expire by TTL)."""
         held = dict(self.held)
         self.forget(held)
-        self.publish()
         if not held:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_S):
