@@ -39,9 +39,9 @@ class LeaseConfig:
     ``ENGINE_PARTITIONS``; ``ttl_ms`` is ``ENGINE_LEASE_TTL_MS``. ``wanted`` (issue 18's
     balancer) returns the partitions this process should hold; None wants them all."""
 
-    owner: str
-    partitions: int = 1
-    ttl_ms: int = 10_000
+    owner: str = attrs.field(validator=attrs.validators.min_len(1))
+    partitions: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    ttl_ms: int = attrs.field(default=10_000, validator=attrs.validators.gt(0))
     wanted: Callable[[], Sequence[int]] | None = None
 
 

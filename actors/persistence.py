@@ -65,6 +65,10 @@ from tickguard.storage.writes import Fence
 log = logging.getLogger("tickguard.actors.persistence")
 
 
+# Outcomes of a close that did not commit: a later piece's watermark must not pass them.
+_NOT_COMMITTED = frozenset({CloseOutcome.FAILED, CloseOutcome.FENCED})
+
+
 class EngineInboxes(Protocol):
     """Where Track/Untrack go: the supervisor's per-symbol engine registry."""
 
@@ -268,10 +272,11 @@ class _Persistence:
         chunk = self.config.close_chunk
         for start in range(0, len(orders), chunk):
             piece = orders[start : start + chunk]
-            # The watermarks commit with the last piece, and only if no earlier order failed:
+            # The watermarks commit with the last piece, and only if no earlier order failed or
+            # was fenced (the lease can be taken again, with a new token, between two pieces):
             # a watermark never passes a close that did not commit.
             last = start + chunk >= len(orders)
-            clean = all(r.outcome is not CloseOutcome.FAILED for r in results)
+            clean = all(r.outcome not in _NOT_COMMITTED for r in results)
             try:
                 closed, events = await self.close_piece(
                     piece, requests[0].source, marks if last and clean else ()

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tickguard.actors import persistence
+from tickguard.actors.faults import FaultPoints
 from tickguard.actors.mailbox import Mailbox, ask
 from tickguard.actors.messages import (
     AdvanceWatermark,
@@ -271,3 +272,50 @@ async def test_persistence_fences_engine_closes_not_manual_ones(ldb: Database) -
     assert await ldb.fetchval("SELECT count(*) FROM watermarks") == 0
     assert await closed_events(ldb) == 1
     assert await ldb.fetchval("SELECT count(*) FROM positions WHERE status = 'open'") == 2
+
+
+async def test_a_watermark_never_passes_a_fenced_piece(ldb: Database) -> None:
+    """Closes commit in pieces; the fence's tokens are a live view that can change between two
+    pieces (the lease taken again). A piece fenced, a later one closed: the request's watermark
+    is not written, as after a FAILED piece (invariant 12)."""
+    p1, p2 = await open_positions(ldb, 2)
+    assert await leases.acquire(ldb, [0], "A", 600) == {0: 1}
+    assert await take_over(ldb, "B") == {0: 2}
+    tokens = {0: 1}  # A's stale token: the first piece is fenced...
+    faults = FaultPoints()
+
+    async def lease_taken_again() -> None:
+        tokens[0] = 2  # ...then the view shows the current token before the second piece
+
+    faults.arm("persistence.after_commit", lease_taken_again)
+    inbox: Mailbox[Any] = Mailbox("persistence")
+    stats = persistence.PersistenceStats()
+    config = persistence.PersistenceConfig(close_chunk=1, fence=Fence(tokens, 1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda **kw: persistence.run(
+                inbox,
+                ldb,
+                Mailbox("fanout"),
+                Engines(),
+                config=config,
+                stats=stats,
+                faults=faults,
+                **kw,
+            )
+        )
+        results = await ask(
+            inbox,
+            lambda r: CloseRequest(
+                (stop(p1), stop(p2)),
+                source="engine",
+                reply=r,
+                watermark=Watermark("BTC-USD", 9, NOW),
+            ),
+            timeout=10,
+        )
+        nursery.cancel_scope.cancel()
+    assert [r.outcome for r in results] == [CloseOutcome.FENCED, CloseOutcome.CLOSED]
+    assert faults.fired == {"persistence.after_commit": 1}
+    assert stats.closes_fenced == 1
+    assert await ldb.fetchval("SELECT count(*) FROM watermarks") == 0
