@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+import zlib
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
@@ -94,6 +95,9 @@ class CloseOutcome(enum.Enum):
     ALREADY_CLOSED = "already_closed"
     NOT_FOUND = "not_found"
     FAILED = "failed"
+    # The order's partition is not held with the token its writer holds (another engine took
+    # it over, or the lease expired): nothing changed, and it is not retried (issue 18).
+    FENCED = "fenced"
 
 
 @attrs.frozen
@@ -128,3 +132,15 @@ class Event:
     type: EventType
     message: str
     position_id: uuid.UUID | None = None
+
+
+def partition_of(symbol: str, partitions: int) -> int:
+    """The engine partition (0..partitions-1) that owns ``symbol`` (issue 18).
+
+    The same in every process and every Python run: CRC-32 of the UTF-8 symbol, never
+    ``hash()`` (salted per process). Lives here, beside the values, because both the engines
+    (``actors.partitions``) and the fenced writes (``storage.writes``) need it.
+    """
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, not {partitions}")
+    return zlib.crc32(symbol.encode("utf-8")) % partitions

@@ -104,6 +104,7 @@ class EngineStats:
     closes_confirmed: int = 0  # persistence answered CLOSED
     closes_lost_race: int = 0  # ALREADY_CLOSED or NOT_FOUND: someone else closed it first
     close_failures: int = 0  # orders answered FAILED, or in a request that failed as a whole
+    closes_fenced: int = 0  # FENCED: this process no longer holds the symbol's lease; not retried
     handed_over: int = 0  # orders sent fire-and-forget when the engine stopped
     recovered_windows: int = 0  # windows of trades fetched after a gap (issue 14)
     recovered_closes: int = 0  # triggers judged from them
@@ -554,6 +555,9 @@ class _Closer:
             self._attempts.pop(order.position_id, None)
             if outcome is CloseOutcome.CLOSED:
                 self._stats.closes_confirmed += 1
+            elif outcome is CloseOutcome.FENCED:
+                # Final but not a confirmation: the partition's new owner judges the position.
+                self._stats.closes_fenced += 1
             else:
                 self._stats.closes_lost_race += 1
         return failed

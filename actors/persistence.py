@@ -18,6 +18,11 @@ It also keeps the event log bounded (issue 17): with ``event_retention`` set, a 
 deletes, every ``prune_interval_s``, the events of positions closed longer ago than that
 (never an open position's, never an unpublished one): the actor stays the only writer.
 
+Behind a fence (issue 18: this process's engines own partitions by lease), ``config.fence``
+guards the engines' closes and watermarks: those of a partition whose lease this process no
+longer holds are answered FENCED (counted, never retried) and change nothing. Closes from the
+API (a user's manual close) need no lease and are never fenced.
+
 One bad request never takes it down (invariant 13): a group that fails for any reason other
 than the database being away is retried one request at a time, and the request that still
 fails alone is answered ``WriteRejected``; everyone else's writes go on.
@@ -55,8 +60,13 @@ from tickguard.actors.messages import (
     WriteRejected,
 )
 from tickguard.storage import Database, DatabaseUnavailable, eventlog, writes
+from tickguard.storage.writes import Fence
 
 log = logging.getLogger("tickguard.actors.persistence")
+
+
+# Outcomes of a close that did not commit: a later piece's watermark must not pass them.
+_NOT_COMMITTED = frozenset({CloseOutcome.FAILED, CloseOutcome.FENCED})
 
 
 class EngineInboxes(Protocol):
@@ -77,6 +87,8 @@ class PersistenceConfig:
     event_retention: timedelta | None = None
     prune_interval_s: float = 3600.0
     prune_batch: int = 10_000  # events deleted per statement
+    # The engines' leases (issue 18): None is the single process, where nothing is fenced.
+    fence: Fence | None = None
 
 
 @attrs.define
@@ -88,6 +100,8 @@ class PersistenceStats:
     rejected: int = 0  # requests answered WriteRejected
     watermark_writes: int = 0  # watermarks advanced on their own (nothing triggered)
     events_pruned: int = 0  # event-log rows deleted by retention
+    closes_fenced: int = 0  # engine closes refused: their partition's lease is not ours
+    watermarks_fenced: int = 0  # watermarks skipped for the same reason
 
 
 async def run(
@@ -205,11 +219,12 @@ class _Persistence:
         """Write watermarks whose windows triggered nothing. Lost if the database is away: a
         later one advances past it, and a stale watermark only makes a recovery fetch more."""
         try:
-            await writes.advance_watermarks(self.db, marks)
+            fenced = await writes.advance_watermarks(self.db, marks, fence=self.config.fence)
         except DatabaseUnavailable as exc:
             self.database_failed(exc)
             return
         self.stats.watermark_writes += 1
+        self.stats.watermarks_fenced += fenced
 
     async def create(self, requests: Sequence[CreateRequest]) -> None:
         try:
@@ -257,10 +272,11 @@ class _Persistence:
         chunk = self.config.close_chunk
         for start in range(0, len(orders), chunk):
             piece = orders[start : start + chunk]
-            # The watermarks commit with the last piece, and only if no earlier order failed:
+            # The watermarks commit with the last piece, and only if no earlier order failed or
+            # was fenced (the lease can be taken again, with a new token, between two pieces):
             # a watermark never passes a close that did not commit.
             last = start + chunk >= len(orders)
-            clean = all(r.outcome is not CloseOutcome.FAILED for r in results)
+            clean = all(r.outcome not in _NOT_COMMITTED for r in results)
             try:
                 closed, events = await self.close_piece(
                     piece, requests[0].source, marks if last and clean else ()
@@ -276,6 +292,8 @@ class _Persistence:
             self.publish(events)
             log_closes(closed, requests[0].source)
             for result in closed:
+                if result.outcome is CloseOutcome.FENCED:
+                    self.stats.closes_fenced += 1
                 if result.outcome is CloseOutcome.CLOSED and result.position is not None:
                     self.untrack(result.position)
                     reason = result.position.close_reason or "unknown"
@@ -299,9 +317,13 @@ class _Persistence:
     ) -> tuple[list[CloseResult], list[Event]]:
         """Close ``piece`` (and advance ``marks``) in one transaction; if it fails for a reason
         other than the database being away, close its orders one by one so that only an order
-        that fails alone is answered FAILED (and logged); the marks are then not written."""
+        that fails alone is answered FAILED (and logged); the marks are then not written.
+        Engine closes go behind ``config.fence``; the API's never do."""
+        fence = self.config.fence if source == "engine" else None
         try:
-            return await writes.close_positions(self.db, piece, source=source, watermarks=marks)
+            return await writes.close_positions(
+                self.db, piece, source=source, watermarks=marks, fence=fence
+            )
         except DatabaseUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - isolated below, never swallowed

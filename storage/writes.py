@@ -6,6 +6,13 @@ exactly when its change committed (DESIGN.md invariant 1). Only the persistence 
 these. Closes are one atomic statement per batch (invariant 2): each id gets its own outcome.
 The outbox (``unpublished_events``, ``mark_published``) is how persistence republishes what a
 crash or a lost acknowledgement left unpublished.
+
+With a ``Fence`` (issue 18: engines own partitions of the symbol space by lease), an engine's
+closes and watermarks first check, in the same transaction, that their partition's lease row
+still carries the writer's token and has not expired, and lock it ``FOR SHARE``: a takeover's
+UPDATE of that row waits until the close commits, so nothing commits under a token that was
+already replaced. Orders of a partition not held are answered ``FENCED`` and change nothing.
+Without a fence the statements are exactly those of the single process.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
+import attrs
 
 from tickguard.domain import (
     CloseOrder,
@@ -29,6 +37,7 @@ from tickguard.domain import (
     NewPosition,
     Position,
     Watermark,
+    partition_of,
 )
 from tickguard.storage.db import Database
 from tickguard.storage.errors import IdempotencyKeyReused, OpenPositionLimit
@@ -242,25 +251,97 @@ RETURNING {P_COLUMNS}
 """
 
 
+@attrs.frozen
+class Fence:
+    """The leases a writer holds: ``tokens`` maps each partition it holds to its token (it may
+    be a live view, e.g. ``actors.lease.LeaseState.held``: it is read once per transaction);
+    ``partitions`` is how many partitions the symbol space is cut into."""
+
+    tokens: Mapping[int, int]
+    partitions: int
+
+
+_FENCE_SQL = """
+SELECT partition, token, expires_at > now() AS live FROM engine_leases
+ WHERE partition = ANY($1::int[])
+ ORDER BY partition
+   FOR SHARE
+"""
+
+
+async def _valid_partitions(
+    conn: asyncpg.Connection, fence: Fence, partitions: Collection[int]
+) -> set[int]:
+    """Which of ``partitions`` the fence's tokens hold right now; locks their lease rows FOR
+    SHARE until the caller's transaction ends (a takeover waits for it)."""
+    tokens = dict(fence.tokens)  # one reading, whatever a live view does meanwhile
+    wanted = sorted(p for p in set(partitions) if p in tokens)
+    if not wanted:
+        return set()
+    rows = await conn.fetch(_FENCE_SQL, wanted)
+    return {int(r["partition"]) for r in rows if r["live"] and r["token"] == tokens[r["partition"]]}
+
+
 async def close_positions(
     db: Database,
     orders: Sequence[CloseOrder],
     *,
     source: EventSource,
     watermarks: Sequence[Watermark] = (),
+    fence: Fence | None = None,
 ) -> tuple[list[CloseResult], list[Event]]:
     """Close a batch atomically: one UPDATE for every order, one closed event per closed row.
 
     ``watermarks`` advance in the same transaction (issue 14): they commit exactly when the
     closes their windows triggered do.
 
-    Returns one ``CloseResult`` per order, in order (CLOSED, ALREADY_CLOSED or NOT_FOUND), and
-    the events written. An id named twice is judged twice, in order, in the same transaction:
-    the second sees the first's close (ALREADY_CLOSED). Raises ``DatabaseUnavailable`` (the
-    caller reports every id as FAILED and may retry them: a retry of a close that did commit
-    answers ALREADY_CLOSED, and its event is in the outbox).
+    With a ``fence``, an order whose position's symbol is in a partition the fence does not hold
+    (token replaced, lease expired) is answered FENCED and changes nothing, and so is skipped a
+    watermark of such a symbol; the check and the closes are one transaction (see the module).
+
+    Returns one ``CloseResult`` per order, in order (CLOSED, ALREADY_CLOSED, NOT_FOUND or, with
+    a fence, FENCED), and the events written. An id named twice is judged twice, in order, in
+    the same transaction: the second sees the first's close (ALREADY_CLOSED). Raises
+    ``DatabaseUnavailable`` (the caller reports every id as FAILED and may retry them: a retry
+    of a close that did commit answers ALREADY_CLOSED, and its event is in the outbox).
     """
-    return await db.transaction(_close, list(orders), source, list(watermarks))
+    if fence is None:
+        return await db.transaction(_close, list(orders), source, list(watermarks))
+    return await db.transaction(_fenced_close, list(orders), source, list(watermarks), fence)
+
+
+async def _fenced_close(
+    conn: asyncpg.Connection,
+    orders: list[CloseOrder],
+    source: EventSource,
+    watermarks: list[Watermark],
+    fence: Fence,
+) -> tuple[list[CloseResult], list[Event]]:
+    """``_close`` behind the fence: the partition of each order comes from its position's row
+    (its symbol never changes), not from anything the order says."""
+    ids = list({o.position_id for o in orders})
+    symbols = {
+        row["id"]: row["symbol"]
+        for row in await conn.fetch(
+            "SELECT id, symbol FROM positions WHERE id = ANY($1::uuid[])", ids
+        )
+    }
+    part = {pid: partition_of(symbol, fence.partitions) for pid, symbol in symbols.items()}
+    marks = {m.symbol: partition_of(m.symbol, fence.partitions) for m in watermarks}
+    valid = await _valid_partitions(conn, fence, [*part.values(), *marks.values()])
+    # An id with no row is not fenced: the plain close answers it NOT_FOUND.
+    fenced = {pid for pid, p in part.items() if p not in valid}
+    allowed = [(i, o) for i, o in enumerate(orders) if o.position_id not in fenced]
+    results, events = await _close(
+        conn,
+        [o for _, o in allowed],
+        source,
+        [m for m in watermarks if marks[m.symbol] in valid],
+    )
+    answers = [CloseResult(o.position_id, CloseOutcome.FENCED) for o in orders]
+    for (index, _), result in zip(allowed, results, strict=True):
+        answers[index] = result
+    return answers, events
 
 
 def _rounds(orders: list[CloseOrder]) -> list[list[tuple[int, CloseOrder]]]:
@@ -325,10 +406,28 @@ async def _close(
     return [r for r in results if r is not None], events
 
 
-async def advance_watermarks(db: Database, marks: Sequence[Watermark]) -> None:
-    """Move watermarks forward on their own (windows that triggered nothing), one statement."""
-    if marks:
+async def advance_watermarks(
+    db: Database, marks: Sequence[Watermark], *, fence: Fence | None = None
+) -> int:
+    """Move watermarks forward on their own (windows that triggered nothing), one statement.
+
+    With a ``fence``, the marks of symbols whose partition it does not hold are skipped (the
+    check and the write are one transaction). Returns how many marks were skipped so.
+    """
+    if not marks:
+        return 0
+    if fence is None:
         await db.run(advance, list(marks))
+        return 0
+    return await db.transaction(_fenced_advance, list(marks), fence)
+
+
+async def _fenced_advance(conn: asyncpg.Connection, marks: list[Watermark], fence: Fence) -> int:
+    part = {m.symbol: partition_of(m.symbol, fence.partitions) for m in marks}
+    valid = await _valid_partitions(conn, fence, part.values())
+    allowed = [m for m in marks if part[m.symbol] in valid]
+    await advance(conn, allowed)
+    return len(marks) - len(allowed)
 
 
 async def positions_by_id(db: Database, ids: Sequence[uuid.UUID]) -> list[Position]:

@@ -74,6 +74,7 @@ class Persistence:
         self.mailbox: Mailbox[CloseRequest] = Mailbox("persistence")
         self.load_calls: list[str] = []
         self.fail: dict[uuid.UUID, int] = {}  # id -> how many times to answer FAILED
+        self.fenced: set[uuid.UUID] = set()  # ids answered FENCED (the lease is not ours)
         self.errors: list[BaseException] = []  # answer whole requests with these, in turn
         self.silent = 0  # how many requests to take and never answer
         self._seen_send, self.seen = trio.open_memory_channel[tuple[float, CloseRequest]](math.inf)
@@ -111,6 +112,8 @@ class Persistence:
         if self.fail.get(order.position_id, 0) > 0:
             self.fail[order.position_id] -= 1
             return CloseResult(order.position_id, CloseOutcome.FAILED)
+        if order.position_id in self.fenced:
+            return CloseResult(order.position_id, CloseOutcome.FENCED)
         row = self.rows.get(order.position_id)
         if row is None:
             return CloseResult(order.position_id, CloseOutcome.NOT_FOUND)
@@ -336,6 +339,23 @@ async def test_already_closed_and_not_found_are_not_retried(autojump_clock) -> N
         await h.db.no_request_for(100)
         assert (h.stats.closes_confirmed, h.stats.closes_lost_race) == (1, 2)
         assert h.stats.close_failures == 0
+
+
+async def test_a_fenced_close_is_final_counted_and_not_retried(autojump_clock) -> None:
+    fenced, fresh = position(sl="90"), position(sl="90")
+    async with engine_running(fenced, fresh) as h:
+        h.db.fenced.add(fenced.id)  # another engine holds the symbol's lease now (issue 18)
+        h.tick("85", 1)
+        _, request = await h.db.next_request()
+        assert ids(request) == {fenced.id, fresh.id}
+        await h.db.no_request_for(100)
+        assert (h.stats.closes_confirmed, h.stats.closes_fenced) == (1, 1)
+        assert (h.stats.closes_lost_race, h.stats.close_failures, h.stats.closes_pending) == (
+            0,
+            0,
+            0,
+        )
+        assert h.db.rows[fenced.id].status == "open"
 
 
 @pytest.mark.parametrize("failure", ["actor_unavailable", "error_answer", "no_answer"])
