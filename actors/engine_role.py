@@ -53,7 +53,7 @@ from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
 from tickguard.storage import Database, DatabaseUnavailable, watermarks, writes
 from tickguard.storage.bus import Bus
-from tickguard.storage.leases import Fence
+from tickguard.storage.writes import Fence
 from tickguard.storage.tail import TailEvent
 
 log = logging.getLogger("tickguard.actors.engine_role")

@@ -99,7 +99,7 @@ async def own_database(database_url: str) -> AsyncIterator[str]:
 async def db(database_url: str) -> AsyncIterator[Database]:
     """A pool on the session's database, with every table emptied first."""
     async with open_database(database_url, timeout=10.0) as database:
-        await database.execute("TRUNCATE positions, events, user_seq, watermarks")
+        await database.execute("TRUNCATE positions, events, user_seq, watermarks, engine_leases")
         yield database
 
 
