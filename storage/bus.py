@@ -150,7 +150,8 @@ class Bus:
         if value is None:
             return None
         try:
-            return Decimal(value)
+            # decode_responses: a str (bytes only if someone changes that).
+            return Decimal(value.decode() if isinstance(value, bytes) else value)
         except InvalidOperation as exc:
             raise ValueError(f"{PRICE_PREFIX}{symbol} holds {value!r}, not a price") from exc
 

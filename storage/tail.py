@@ -11,6 +11,15 @@ B and reads the events with ``B <= tx < xmin``, a page at a time in ``(tx, id)``
 that range is read, B becomes that ``xmin``. An event below B was read once; one at or above
 it will be.
 
+Per user, events come in ``seq`` order, which transaction ids alone do not give: a writer's
+id is assigned at its first write, before it queues for the user's ``user_seq`` row lock, so
+a transaction with a lower id can take the lock later and get the later seqs (seen in tests
+with concurrent writers of one user). Since seqs are handed out under that lock, every lower
+seq of a user was committed before a higher one is: when a page holds a user's seq ``s``,
+that user's events below ``s`` not yet returned are all visible, and the tail pulls them into
+the same page (remembering them, so that their turn in ``(tx, id)`` order skips them). A page
+is returned sorted by ``(user_id, seq)``.
+
 The price: a long-running writing transaction (anywhere on the server) holds ``xmin`` back, so
 the tail lags behind it until it ends. Readers without a transaction id (plain SELECTs) do not.
 """
@@ -64,10 +73,26 @@ SELECT h.upto::text AS upto, e.tx::text AS tx, e.id, e.user_id, e.seq, e.type,
       FROM events ev JOIN positions p ON p.id = ev.position_id
      WHERE (ev.tx, ev.id) > ($2::text::xid8, $3::bigint) AND ev.tx < h.upto
        AND ($4::text IS NULL OR NOT pg_visible_in_snapshot(ev.tx, $4::text::pg_snapshot))
+       AND NOT ev.id = ANY($6::bigint[])
      ORDER BY ev.tx, ev.id
      LIMIT $5
   ) e ON true
  ORDER BY e.tx, e.id
+"""
+
+# The events of these users below these seqs that the tail has not returned: after the page's
+# last (tx, id) ($3, $4; the range below the boundary $7 is all returned), not pulled before
+# ($6), not committed before start ($5).
+_PREDECESSORS_SQL = """
+SELECT ev.tx::text AS tx, ev.id, ev.user_id, ev.seq, ev.type, ev.position_id, p.symbol,
+       ev.source, ev.message
+  FROM unnest($1::text[], $2::bigint[]) AS u(user_id, below)
+  JOIN events ev ON ev.user_id = u.user_id AND ev.seq < u.below
+  JOIN positions p ON p.id = ev.position_id
+ WHERE ev.tx >= $7::text::xid8
+   AND (ev.tx, ev.id) > ($3::text::xid8, $4::bigint)
+   AND NOT ev.id = ANY($6::bigint[])
+   AND ($5::text IS NULL OR NOT pg_visible_in_snapshot(ev.tx, $5::text::pg_snapshot))
 """
 
 _START_SQL = "SELECT pg_current_snapshot()::text"
@@ -94,6 +119,9 @@ class LogTail:
         self._upto: int | None = None  # the horizon of the range being paged, if any
         self._start_snapshot: str | None = None  # dropped once the boundary passes its xmax
         self._start_xmax = 0
+        # Events returned ahead of their (tx, id) turn (a user's lower seqs pulled into a
+        # page): (tx, id) -> skipped when their turn comes, forgotten once the cursor passes.
+        self._early: set[tuple[int, int]] = set()
 
     @property
     def boundary(self) -> int | None:
@@ -113,15 +141,17 @@ class LogTail:
         self._start_xmax = xmax
 
     async def read(self, db: Reader, *, limit: int = DEFAULT_LIMIT) -> list[TailEvent]:
-        """The next page of newly visible events in ``(tx, id)`` order; ``[]`` when caught up.
+        """The next page of newly visible events; ``[]`` when caught up.
 
-        A page never straddles two horizons' worth of work in memory: at most ``limit`` rows.
+        A page is up to ``limit`` events in ``(tx, id)`` order, plus the lower seqs of its
+        users not returned yet (see the module's docstring), sorted by ``(user_id, seq)``.
         Raises ``DatabaseUnavailable`` (nothing moves: the next call reads the same page).
         """
         if self._cursor is None:
             raise TailNotStarted("LogTail.read before LogTail.start")
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        early_ids = [i for _, i in self._early]
         rows = await db.fetch(
             _READ_SQL,
             None if self._upto is None else str(self._upto),
@@ -129,12 +159,30 @@ class LogTail:
             self._cursor[1],
             self._start_snapshot,
             limit,
+            early_ids,
         )
         upto = int(rows[0]["upto"])
         found = [r for r in rows if r["id"] is not None]
+        pulled: list[Any] = []
         if found:
-            last = found[-1]
-            self._cursor = (int(last["tx"]), last["id"])
+            last = (int(found[-1]["tx"]), found[-1]["id"])
+            below: dict[str, int] = {}
+            for r in found:
+                below[r["user_id"]] = max(below.get(r["user_id"], 0), r["seq"])
+            pulled = await db.fetch(
+                _PREDECESSORS_SQL,
+                list(below),
+                list(below.values()),
+                str(last[0]),
+                last[1],
+                self._start_snapshot,
+                early_ids,
+                str(self._cursor[0]),
+            )
+        # Nothing has moved until both statements answered: a failure reads the page again.
+        if found:
+            self._cursor = last
+        self._early.update((int(r["tx"]), r["id"]) for r in pulled)
         if len(found) < limit:
             # The range below ``upto`` is read: it becomes the boundary. xmin never moves back,
             # but a boundary must not either, whatever a server answers.
@@ -144,7 +192,11 @@ class LogTail:
                 self._start_snapshot = None
         else:
             self._upto = upto  # more of this range may follow: page on under the same horizon
-        return [_tail_event(r) for r in found]
+        cursor = self._cursor
+        self._early = {e for e in self._early if e > cursor}
+        page = [_tail_event(r) for r in (*found, *pulled)]
+        page.sort(key=lambda e: (e.user_id, e.seq))
+        return page
 
 
 def _tail_event(row: Any) -> TailEvent:

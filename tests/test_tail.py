@@ -123,6 +123,41 @@ async def test_a_transaction_committed_late_is_not_skipped(db: Database, databas
     assert Counter(e.id for e in got) == Counter(want)  # each exactly once
 
 
+async def test_a_users_events_come_in_seq_order_when_transaction_ids_disagree(
+    db: Database, database_url: str
+) -> None:
+    """T1 gets its transaction id first but the user's lock last: its event has the lower tx
+    and the higher seq. T0, open throughout, holds the horizon between T1 and T2, so T1's event
+    is in range and T2's is not: the tail pulls T2's (the lower seq) into the same page, ahead
+    of it, and does not return it again when the horizon passes it."""
+    aio = trio_asyncio.aio_as_trio
+    tail = LogTail()
+    await tail.start(db)
+    t1 = await aio(asyncpg.connect)(database_url)
+    t0 = await aio(asyncpg.connect)(database_url)
+    try:
+        tx1, tx0 = t1.transaction(), t0.transaction()
+        await aio(tx1.start)()
+        x1 = int(await aio(t1.fetchval)("SELECT pg_current_xact_id()::text"))
+        await aio(tx0.start)()
+        x0 = int(await aio(t0.fetchval)("SELECT pg_current_xact_id()::text"))
+        (t2_event,) = await _create(db, "alice")  # T2: seq 1, tx above x0, committed
+        _, t1_events = await aio(writes._create)(t1, [_new("alice")], 100)  # seq 2, tx x1
+        await aio(tx1.commit)()
+        assert x1 < x0
+        got: list[TailEvent] = []
+        await read_until(tail, db, {t1_events[0].id}, got)
+        assert [(e.id, e.seq) for e in got] == [(t2_event, 1), (t1_events[0].id, 2)]
+        await aio(tx0.commit)()
+    finally:
+        await aio(t1.close)()
+        await aio(t0.close)()
+    later = await _create(db, "alice")  # seq 3
+    await read_until(tail, db, set(later), got)
+    got.extend(await drain(tail, db))
+    assert [e.seq for e in got] == [1, 2, 3]  # T2's event was not returned a second time
+
+
 async def test_a_rolled_back_transaction_leaves_nothing_and_does_not_stall(
     db: Database, database_url: str
 ) -> None:
