@@ -247,3 +247,32 @@ def test_tail_event_is_a_value() -> None:
     event = TailEvent(1, "u", 1, "position.created", uuid.uuid4(), "BTC-USD", "api", "{}")
     with pytest.raises(AttributeError):
         event.id = 2  # type: ignore[misc]
+
+
+async def test_migration_007_gives_existing_events_a_tx_and_a_later_tail_skips_them(
+    db: Database, database_url: str
+) -> None:
+    """Events written before migration 007 get its transaction's id; a tail started after
+    it returns none of them, and the events written after it."""
+    from tickguard.storage import migrate, open_database
+    from tickguard.storage.migrate import bundled_migrations
+
+    name = f"tail_{uuid.uuid4().hex[:10]}"
+    url = database_url.rsplit("/", 1)[0] + "/" + name
+    await db.execute(f'CREATE DATABASE "{name}"')
+    try:
+        async with open_database(url) as old:
+            await migrate(old, [m for m in bundled_migrations() if m.version < 7])
+            before = await _create(old, n=3)
+            assert await migrate(old) == [7]
+            assert await old.fetchval("SELECT count(*) FROM events WHERE tx IS NULL") == 0
+            tail = LogTail()
+            await tail.start(old)
+            after = await _create(old, n=2)
+            got: list[TailEvent] = []
+            await read_until(tail, old, set(after), got)
+            got.extend(await drain(tail, old))
+            assert sorted(e.id for e in got) == sorted(after)
+            assert not set(before) & {e.id for e in got}
+    finally:
+        await db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
