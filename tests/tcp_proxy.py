@@ -2,8 +2,10 @@
 
 ``running_proxy(host, port)`` listens on a free loopback port and forwards each connection to
 ``host:port``. ``cut()`` closes every connection through it and closes new ones as soon as
-they arrive (the client sees its server go away); ``heal()`` forwards again. The server behind
-it is never touched, so a shared server can stand behind a partition.
+they arrive (the client sees its server go away); ``heal()`` forwards again. ``hold()`` keeps
+every connection open but forwards nothing (a server that stops answering, a half-open
+socket) until ``release()``. The server behind it is never touched, so a shared server can
+stand behind a partition.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class TcpProxy:
         self.cut_now = False
         self.connections = 0  # accepted while healthy
         self._scopes: set[trio.CancelScope] = set()
+        self._flowing = trio.Event()
+        self._flowing.set()
 
     def cut(self) -> None:
         self.cut_now = True
@@ -30,6 +34,24 @@ class TcpProxy:
 
     def heal(self) -> None:
         self.cut_now = False
+
+    def hold(self) -> None:
+        if self._flowing.is_set():
+            self._flowing = trio.Event()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await self._flowing.wait()
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()  # either side closing ends both
 
     async def _handle(self, client: trio.SocketStream) -> None:
         async with client:
@@ -43,18 +65,9 @@ class TcpProxy:
                 except OSError:
                     return
                 async with server, trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
             self._scopes.discard(scope)
-
-
-async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
-    try:
-        while data := await source.receive_some(65536):
-            await sink.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    done.cancel()  # either side closing ends both
 
 
 @asynccontextmanager

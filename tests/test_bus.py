@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio_asyncio
 from redis_server import RedisServer
+from tcp_proxy import running_proxy
 
 from tickguard.storage.bus import Bus, BusTiming, BusUnavailable, open_bus
 
@@ -158,3 +159,28 @@ async def test_wakeups_is_cancellable_while_waiting(redis_url: str) -> None:
                 await subscriber.wait_for(1)
                 nursery.cancel_scope.cancel()
         assert subscriber.yields == 1
+
+
+async def test_a_subscription_that_stops_answering_is_dropped_and_made_again(
+    redis_url: str,
+) -> None:
+    """Through a proxy that holds all traffic (the socket stays open, nothing comes back): the
+    unanswered ping drops the subscription, and once traffic flows it subscribes again."""
+    host, port = redis_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    topic = _topic()
+    timing = BusTiming(call_s=0.5, idle_s=0.2, backoff_base_s=0.05, backoff_max_s=0.2)
+    async with running_proxy(host, int(port)) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with bus_on(url, timing) as bus, trio.open_nursery() as nursery:
+            subscriber = Subscriber()
+            nursery.start_soon(subscriber.run, bus, topic)
+            await subscriber.wait_for(1)
+            proxy.hold()
+            with trio.fail_after(GUARD_S):
+                while bus.stats.reconnects < 1:
+                    await trio.sleep(0.01)
+            proxy.release()
+            await subscriber.wait_for(2)  # subscribed again
+            await bus.wake(topic)
+            await subscriber.wait_for(3)
+            nursery.cancel_scope.cancel()
