@@ -17,7 +17,7 @@ import trio_asyncio
 from redis_server import RedisServer
 from tcp_proxy import running_proxy
 
-from tickguard.storage.bus import Bus, BusTiming, BusUnavailable, open_bus
+from tickguard.storage.bus import PRICE_PREFIX, Bus, BusTiming, BusUnavailable, open_bus
 
 GUARD_S = 30.0
 # Short, so that an outage test reconnects quickly; not a speed assertion.
@@ -100,6 +100,9 @@ async def test_a_price_round_trips_exactly(redis_url: str) -> None:
             await bus.set_price(symbol, Decimal("NaN"))
         with pytest.raises(ValueError):
             await bus.set_price(symbol, 1.5)  # type: ignore[arg-type]
+        # The server may be shared (TEST_REDIS_URL): leave no key behind.
+        await trio_asyncio.aio_as_trio(bus._client.delete)(PRICE_PREFIX + symbol)
+        assert await bus.get_price(symbol) is None
 
 
 async def test_redis_killed_and_restarted_mid_subscription(own_redis: RedisServer) -> None:
