@@ -76,6 +76,10 @@ async def run(
     order); ``deliver`` is synchronous and must not block. Between rounds it waits for the next
     item of ``wakeups`` or ``poll_s``, whichever comes first.
 
+    ``wakeups`` is iterated with ``aiter`` at each start: ``Bus.wakeups(...)`` subscribes again
+    for a restarted follower (a plain async generator, spent by the previous run, would give
+    no more wake-ups; the poll still delivers).
+
     ``DatabaseUnavailable`` never ends it (retried with backoff, the tail keeps its place); an
     exception from ``deliver`` or ``wakeups`` does (the supervisor restarts it, from a new start).
     """
@@ -128,11 +132,14 @@ async def _catch_up(
 
 
 async def _listen(wakeups: AsyncIterator[None], wake: _Wake) -> None:
+    # ``aiter``: a re-iterable source (``storage.bus.Wakeups``) subscribes anew for each run
+    # of the follower; a plain iterator is itself.
+    iterator = aiter(wakeups)
     try:
-        async for _ in wakeups:
+        async for _ in iterator:
             wake.event.set()
     finally:
-        aclose = getattr(wakeups, "aclose", None)
+        aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await aclose()

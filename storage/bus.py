@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
@@ -155,18 +155,21 @@ class Bus:
         except InvalidOperation as exc:
             raise ValueError(f"{PRICE_PREFIX}{symbol} holds {value!r}, not a price") from exc
 
-    def wakeups(self, topic: str) -> AsyncIterator[None]:
+    def wakeups(self, topic: str) -> Wakeups:
         """Wake-ups of ``topic``, for as long as the caller iterates.
 
         Yields once right after each (re)subscription (anything may have been missed while
         unsubscribed), then once per message; messages queued meanwhile coalesce into one
         yield. Survives Redis going away: it subscribes again with backoff, counting
-        ``reconnects``, and never raises for an outage. Cancellable at any point. Close it
+        ``reconnects``, and never raises for an outage. Cancellable at any point.
+
+        Re-iterable: each ``async for`` (``aiter``) is a subscription of its own, so one value
+        can be handed to an actor that the supervisor restarts. Close what ``aiter`` gave
         (``contextlib.aclosing``) to give its connection back at once.
         """
-        return self._wakeups(PREFIX + topic)
+        return Wakeups(self, PREFIX + topic)
 
-    async def _wakeups(self, channel: str) -> AsyncIterator[None]:
+    async def _wakeups(self, channel: str) -> AsyncGenerator[None, None]:
         failures = 0
         while True:
             pubsub = self._client.pubsub()
@@ -189,7 +192,7 @@ class Bus:
             self.stats.reconnects += 1
             await trio.sleep(_backoff(failures - 1, self.timing))
 
-    async def _messages(self, pubsub: Any) -> AsyncIterator[None]:
+    async def _messages(self, pubsub: Any) -> AsyncGenerator[None, None]:
         """One item per batch of published messages; ``BusUnavailable`` when the connection
         is lost or a ping goes unanswered."""
         pinged = False
@@ -217,6 +220,31 @@ class Bus:
                 await trio_asyncio.aio_as_trio(pubsub.aclose)()
             except Exception as exc:  # the connection is gone either way
                 log.debug("closing a redis subscription failed: %r", exc)
+
+
+class Wakeups(AsyncIterator[None]):
+    """What ``Bus.wakeups`` returns: ``aiter()`` of it starts a new subscription each time (a
+    restarted consumer subscribes again, where a spent generator would end at once);
+    ``anext()`` on it directly uses one subscription of its own, made on first use."""
+
+    def __init__(self, bus: Bus, channel: str) -> None:
+        self._bus = bus
+        self.channel = channel
+        self._own: AsyncGenerator[None, None] | None = None
+
+    def __aiter__(self) -> AsyncGenerator[None, None]:
+        return self._bus._wakeups(self.channel)
+
+    async def __anext__(self) -> None:
+        if self._own is None:
+            self._own = self._bus._wakeups(self.channel)
+        await self._own.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the subscription ``anext()`` made, if any."""
+        if self._own is not None:
+            await self._own.aclose()
+            self._own = None
 
 
 async def _subscribe(pubsub: Any, channel: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from decimal import Decimal
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -143,3 +144,29 @@ async def test_a_failing_deliver_ends_the_follower(db: Database) -> None:
             await nursery.start(lambda **kw: follower.run(db, deliver, poll_s=0.02, **kw))
             await _create(db)
     assert caught.group_contains(RuntimeError, match="boom")
+
+
+async def test_a_restarted_follower_subscribes_again_with_the_same_wakeups(
+    db: Database, redis_url: str
+) -> None:
+    """The supervisor hands the same ``bus.wakeups(topic)`` to every run of the follower."""
+    topic = f"test-{id(db)}-restart"
+    async with open_bus(redis_url, BusTiming(idle_s=1.0)) as bus:
+        wakeups = bus.wakeups(topic)
+        delivered: list[int] = []
+        for _ in range(2):
+            stats, batches = FollowerStats(), Delivered()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    partial(follower.run, db, batches, wakeups=wakeups, poll_s=HOURLY, stats=stats)
+                )
+                with trio.fail_after(GUARD_S):
+                    while stats.woken < 1:  # subscribed
+                        await trio.sleep(0.01)
+                written = await _create(db)
+                await bus.wake(topic)
+                await batches.wait_for(written)
+                nursery.cancel_scope.cancel()
+            delivered += batches.ids
+            assert stats.woken >= 2
+        assert len(delivered) == 2
