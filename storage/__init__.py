@@ -4,7 +4,9 @@
 everything else calls plain Trio functions with the ``Database`` it yields, from the module
 of its role: ``writes`` (the persistence actor: positions and their outbox events),
 ``reads`` (the web: lists, one position, the latest seq), ``eventlog`` (the event log read
-back: replays and a position's lifecycle; retention), ``loading`` (engines at start).
+back: replays and a position's lifecycle; retention), ``loading`` (engines at start),
+``tail`` (another process following the log: every committed event once) and ``bus`` (Redis:
+wake-ups between processes and last prices, the only other asyncio client).
 """
 
 from tickguard.storage.db import (

@@ -106,3 +106,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+# Redis (storage/bus.py): TEST_REDIS_URL or a redis-server of the test's own.
+from redis_server import own_redis, redis_url  # noqa: E402,F401
