@@ -89,16 +89,6 @@ class Tree:
     engine_role: Any = None
 
 
-def feed_config(settings: Settings) -> feed.FeedConfig:
-    return feed.FeedConfig(
-        url=settings.coinbase_ws_url,
-        products=settings.coinbase_products,
-        reconnect_base_s=settings.ws_reconnect_base_ms / 1000,
-        reconnect_max_s=settings.ws_reconnect_max_ms / 1000,
-        heartbeat_timeout_s=settings.ws_heartbeat_timeout_ms / 1000,
-    )
-
-
 def build_tree(
     settings: Settings,
     db: Database,
@@ -187,7 +177,7 @@ def build_tree(
             "feed",
             functools.partial(
                 feed.run,
-                feed_config(settings),
+                feed.config_from(settings),
                 slots,
                 feed_box,
                 feed_status,

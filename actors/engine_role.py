@@ -53,8 +53,8 @@ from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
 from tickguard.storage import Database, DatabaseUnavailable, watermarks, writes
 from tickguard.storage.bus import Bus
-from tickguard.storage.writes import Fence
 from tickguard.storage.tail import TailEvent
+from tickguard.storage.writes import Fence
 
 log = logging.getLogger("tickguard.actors.engine_role")
 
@@ -143,8 +143,6 @@ async def _term(
     stopping: trio.Event,
 ) -> bool:
     """One term; True when it ended because the lease was lost."""
-    from tickguard.supervisor import feed_config
-
     slots = WindowSlots()
     persistence_box: Mailbox[PersistenceRequest] = Mailbox("persistence")
     notify_box: Mailbox[FanoutMessage] = Mailbox("notifier")
@@ -202,7 +200,7 @@ async def _term(
             "feed",
             functools.partial(
                 feed.run,
-                feed_config(settings),
+                feed.config_from(settings),
                 slots,
                 feed_box,
                 role.feed_status,

@@ -48,6 +48,7 @@ from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import FeedCommand, RecoverGap, SubscribeOutcome, Unwatch, Watch
 from tickguard.actors.window import WindowSlots
+from tickguard.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,17 @@ class FeedConfig:
         return ConnectionSettings(
             self.url, ssl_context=self.ssl_context, connect_timeout_s=self.connect_timeout_s
         )
+
+
+def config_from(settings: Settings) -> FeedConfig:
+    """The feed's configuration from the process's settings."""
+    return FeedConfig(
+        url=settings.coinbase_ws_url,
+        products=settings.coinbase_products,
+        reconnect_base_s=settings.ws_reconnect_base_ms / 1000,
+        reconnect_max_s=settings.ws_reconnect_max_ms / 1000,
+        heartbeat_timeout_s=settings.ws_heartbeat_timeout_ms / 1000,
+    )
 
 
 # ------------------------------------------------------------------ the actor
