@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ async def test_creates_through_two_api_processes_reach_a_gateway_session_once_ea
                     nursery.start_soon(create, i)
             # A manual close through the other api process is delivered too.
             closed = await apis[1].http.post(
-                f"/api/positions/{ids[0]}/close", json={"userId": "alice"}
+                f"/api/positions/{ids[0]}/close", json={"userId": "alice", "closePrice": "64000"}
             )
             assert closed.status_code == 200, closed.text
             created = await stream.wait_for("position.created", 20, timeout=30)
@@ -168,7 +169,7 @@ async def test_creates_through_two_api_processes_reach_a_gateway_session_once_ea
         async def priced() -> bool:
             response = await apis[0].create(body)
             if response.status_code == 201:
-                assert loads(response.content)["data"]["entryPrice"] == "65000"
+                assert loads(response.content)["data"]["entryPrice"] == Decimal("65000")
                 return True
             assert response.status_code == 400, response.text
             return False
