@@ -21,7 +21,7 @@ import trio
 from fault_helpers import long_with_stop, until
 from service_harness import Service, running_service, wait_until_live
 from sim_fixtures import eventually
-from test_faults_process import own_database, tickguard_process  # noqa: F401 (a fixture)
+from test_faults_process import tickguard_process
 
 from tickguard.sim import Simulator, open_simulator
 from tickguard.sim.rest_faults import RestFault
@@ -214,7 +214,7 @@ async def test_gap_fill_trade_closes_at_the_recovered_trade_price(db: Database) 
 
 
 async def test_a_stop_crossed_while_killed_9_closes_after_the_restart(
-    own_database: str,  # noqa: F811 (the fixture imported above)
+    own_database: str,
     tmp_path: Path,
 ) -> None:
     """A real ``tickguard serve`` process, killed with -9: the price crosses the stop and comes
