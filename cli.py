@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="api processes sharing PORT (API_WORKERS, default 1)",
     )
+    # A worker of `serve --workers N` (tickguard.workers starts them): serve, sharing PORT.
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="apply database migrations and exit")
     db = commands.add_parser("db", help="dump or restore the database")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
@@ -102,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings)
     command = args.command or "serve"
     if command == "serve":
+        if settings.api_workers > 1 and not getattr(args, "reuse_port", False):
+            from tickguard.workers import serve_workers
+
+            return serve_workers(settings, environ)
         from tickguard.supervisor import serve
 
         return _run(serve, settings)

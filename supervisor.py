@@ -515,16 +515,25 @@ class PortInUse(Exception):
     variables that set it."""
 
 
-def check_port(settings: Settings) -> None:
+def check_port(settings: Settings, *, shared: bool | None = None) -> None:
     """Bind HOST:PORT once and let it go again, before anything is started or migrated, so
     that a second ``serve`` on a busy port fails at once, naming the address (port 0, "any
     free port", needs no check). Raises ``PortInUse``. hypercorn binds the same way
-    (SO_REUSEADDR, IPv6 when the host has a colon) moments later."""
+    (SO_REUSEADDR, IPv6 when the host has a colon) moments later.
+
+    ``shared`` probes with SO_REUSEPORT too, as a worker of ``serve --workers N`` binds
+    (``tickguard.workers``): a worker (re)starting beside its listening siblings passes,
+    anything else holding the port still fails it. By default a process with
+    ``API_WORKERS`` above 1 is such a worker; their parent checks with ``shared=False``."""
     if settings.port == 0:
         return
+    if shared is None:
+        shared = settings.api_workers > 1
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((settings.host, settings.port))
         except OSError as exc:

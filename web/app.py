@@ -28,6 +28,7 @@ from tickguard.web.routes import routes
 from tickguard.web.seq_reader import SEQ_READER, SeqReader
 from tickguard.web.services import EXTENSION, AppServices, FeedReport, services_of
 from tickguard.web.ws import LIVE_SESSIONS, MAX_FRAME_BYTES, LiveSessions, live_sessions, ws
+from tickguard.workers import bind_shared
 
 __all__ = [
     "AppServices",
@@ -121,19 +122,22 @@ async def serve(
     graceful_timeout: float = GRACEFUL_TIMEOUT,
 ) -> None:
     """Serve ``app`` on ``settings.host``:``settings.port`` (``port`` overrides it; 0 picks a
-    free one) until ``shutdown_trigger`` returns.
+    free one) until ``shutdown_trigger`` returns. With ``API_WORKERS`` above 1 this process is
+    one of several workers sharing the port: it binds with SO_REUSEPORT (``bind_shared``).
 
     Reports ``started`` with the base URLs (``["http://127.0.0.1:54321"]``) once listening.
     On shutdown it stops accepting, closes every WebSocket session with 1001 (so hypercorn's
     graceful timeout is not spent waiting for them), lets requests in flight finish within
     ``graceful_timeout`` and returns.
     """
+    port = settings.port if port is None else port
     config = hypercorn_config(
-        settings.host,
-        settings.port if port is None else port,
-        ws_ping_interval=ws_ping_interval,
-        graceful_timeout=graceful_timeout,
+        settings.host, port, ws_ping_interval=ws_ping_interval, graceful_timeout=graceful_timeout
     )
+    if settings.api_workers > 1:
+        # One of `serve --workers N` (tickguard.workers): its own SO_REUSEPORT socket, handed
+        # to hypercorn by descriptor (hypercorn then owns and closes it).
+        config.bind = [f"fd://{bind_shared(settings.host, port).detach()}"]
     sessions = live_sessions(app)
     isolation.install()  # one connection's failure must not end the server (hypercorn#225)
 

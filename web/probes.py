@@ -7,6 +7,9 @@ the symbols its engine owns.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from quart import Blueprint, Response, current_app
 
 from tickguard.storage import DatabaseUnavailable
@@ -27,7 +30,8 @@ async def health() -> Response:
 async def ready() -> Response:
     services = services_of(current_app)
     feed = services.feed_status.snapshot() if services.feed_status is not None else {}
-    extra = {}
+    # "pid": the process answering (the workers of `serve --workers N` share one port).
+    extra: dict[str, Any] = {"pid": os.getpid()}
     # Gaps flagged and not judged: reported, never a reason to be unready (nothing a restart
     # or another instance could fix; docs/DECISIONS.md).
     recovery = recovery_report(services)
