@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -105,9 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "serve"
     if command == "serve":
         if settings.api_workers > 1 and not getattr(args, "reuse_port", False):
+            from tickguard.supervisor import check_port
             from tickguard.workers import serve_workers
 
-            return serve_workers(settings, environ)
+            parent = functools.partial(
+                serve_workers,
+                environ=environ,
+                check_port=functools.partial(check_port, shared=False),
+            )
+            return _run(parent, settings)
         from tickguard.supervisor import serve
 
         return _run(serve, settings)

@@ -25,13 +25,12 @@ per worker, so ``serve_workers`` refuses a process that plays engine.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import attrs
 import trio
@@ -86,24 +85,23 @@ def worker_command() -> list[str]:
     return [*program, "serve", REUSE_PORT_FLAG]
 
 
-def serve_workers(settings: Settings, environ: Mapping[str, str]) -> int:
+async def serve_workers(
+    settings: Settings, *, environ: Mapping[str, str], check_port: Callable[[Settings], None]
+) -> int:
     """``tickguard serve`` with ``settings.api_workers`` above 1: the parent process.
 
-    Refuses (exit 2, one line) a process that plays engine; checks HOST:PORT once, strictly
-    (a port held by anything, another group of workers included, is the usual one-line
-    error, exit 1); then runs ``run_workers`` with ``environ`` (the command line's options
-    already folded in, so every worker reads the same settings) until SIGINT/SIGTERM.
+    Refuses (exit 2, one line) a process that plays engine; ``check_port`` checks HOST:PORT
+    once, strictly (``supervisor.check_port`` with ``shared=False``: a port held by anything,
+    another group of workers included, raises ``PortInUse``, which the command turns into
+    the usual one-line error); then ``run_workers`` with ``environ`` (the command line's
+    options already folded in, so every worker reads the same settings) until
+    SIGINT/SIGTERM. The check comes in as a function so that this module, which web imports
+    for ``bind_shared``, imports no part of the tree.
     """
-    from tickguard.supervisor import PortInUse, check_port
-
     if settings.plays("engine"):
         print(f"tickguard: {ENGINE_REFUSED}", file=sys.stderr)
         return 2
-    try:
-        check_port(settings, shared=False)
-    except PortInUse as exc:
-        print(f"tickguard: {exc}", file=sys.stderr)
-        return 1
+    check_port(settings)
     log.info(
         "starting %d api workers (%s) on %s:%d",
         settings.api_workers,
@@ -111,14 +109,11 @@ def serve_workers(settings: Settings, environ: Mapping[str, str]) -> int:
         settings.host,
         settings.port,
     )
-    return trio.run(
-        functools.partial(
-            run_workers,
-            worker_command(),
-            settings.api_workers,
-            environ,
-            stop_timeout_s=settings.shutdown_grace_ms / 1000 + STOP_MARGIN_S,
-        )
+    return await run_workers(
+        worker_command(),
+        settings.api_workers,
+        environ,
+        stop_timeout_s=settings.shutdown_grace_ms / 1000 + STOP_MARGIN_S,
     )
 
 
