@@ -8,7 +8,9 @@ run ``python -m tickguard``. Waits are for conditions, under ``trio.fail_after``
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,11 +20,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
+import httpx
 import pytest
 import trio
 
 from tickguard.actors.supervision import RestartPolicy
 from tickguard.config import Settings
+from tickguard.sim import open_simulator
 from tickguard.supervisor import PortInUse, check_port
 from tickguard.workers import (
     REUSE_PORT_FLAG,
@@ -229,6 +233,61 @@ def test_a_worker_port_check_passes_beside_its_siblings_and_only_then() -> None:
             check_port(settings)  # something that is not a worker holds it
 
 
+async def test_the_web_server_of_a_worker_shares_its_port(db: object, database_url: str) -> None:
+    """``web.app.serve`` with API_WORKERS above 1 binds with SO_REUSEPORT (by descriptor):
+    two servers listen on one port, either answers, and one stopping leaves the other."""
+    from web_harness import services_without_database  # its pool needs db's loop
+
+    from tickguard.web.app import create_app, serve
+
+    port = free_port()
+    services = await services_without_database(database_url)
+    services = attrs.evolve(
+        services, settings=attrs.evolve(services.settings, port=port, api_workers=2)
+    )
+    stops = [trio.Event(), trio.Event()]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            binds = [
+                await nursery.start(
+                    functools.partial(
+                        serve,
+                        create_app(services),
+                        services.settings,
+                        shutdown_trigger=stop.wait,
+                        graceful_timeout=0.5,
+                    )
+                )
+                for stop in stops
+            ]
+            assert binds == [[f"http://127.0.0.1:{port}"]] * 2
+            async with httpx.AsyncClient(base_url=binds[0][0]) as http:
+                for _ in range(10):
+                    health = await http.get("/health", headers={"Connection": "close"})
+                    assert health.status_code == 200
+                stops[0].set()
+                for _ in range(10):  # the other server alone
+                    health = await http.get("/health", headers={"Connection": "close"})
+                    assert health.status_code == 200
+            stops[1].set()
+    # A server without API_WORKERS cannot join them: the port is its own or nobody's.
+    alone = attrs.evolve(services.settings, api_workers=1)
+    with bind_shared("127.0.0.1", port) as worker:
+        worker.listen()
+        refused: list[BaseExceptionGroup[OSError]] = []
+        try:
+            with trio.fail_after(30):  # were it to bind, it would serve until this fires
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(
+                        functools.partial(
+                            serve, create_app(services), alone, shutdown_trigger=trio.Event().wait
+                        )
+                    )
+        except* OSError as group:  # EADDRINUSE, inside hypercorn's nurseries
+            refused.append(group)
+        assert refused
+
+
 def run_cli(*args: str, cwd: Path, **variables: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "PORT"}}
     env.update(TICKGUARD_DATA_DIR=str(cwd / "data"), **variables)
@@ -268,3 +327,132 @@ def test_workers_on_a_busy_port_is_one_line_and_status_1(tmp_path: Path) -> None
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"tickguard: cannot listen on 127.0.0.1:{port}")
+
+
+# --- end to end: `tickguard serve --role api --workers 2` -----------------------------------
+
+# The split roles' modules the api role needs; main gains them as the role work lands.
+_ROLE_MODULES = ("tickguard.storage.bus", "tickguard.actors.lease", "tickguard.actors.follower")
+_MISSING = [m for m in _ROLE_MODULES if importlib.util.find_spec(m) is None]
+
+
+@asynccontextmanager
+async def redis_server(tmp_path: Path) -> AsyncIterator[str]:
+    """``TEST_REDIS_URL`` when set, else a ``redis-server`` of this test's own on a free port
+    (a shared server is never flushed or written to by these tests)."""
+    shared = os.environ.get("TEST_REDIS_URL")
+    if shared:
+        yield shared
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server (Debian package) and no TEST_REDIS_URL")
+    port = free_port()
+    server = await trio.lowlevel.open_process(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(30):
+            while True:  # until it answers PING
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                async with stream:
+                    await stream.send_all(b"PING\r\n")
+                    if (await stream.receive_some()).startswith(b"+PONG"):
+                        break
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await server.wait()
+
+
+async def ready_pid(http: httpx.AsyncClient) -> int | None:
+    """/ready over a new connection (``Connection: close``): the answering worker's pid."""
+    try:
+        response = await http.get("/ready", headers={"Connection": "close"})
+    except httpx.TransportError:
+        return None
+    if response.status_code != 200:
+        return None
+    return int(response.json()["pid"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    bool(_MISSING),
+    reason=f"`serve --role api` is not runnable on this main yet (missing {', '.join(_MISSING)})",
+)
+async def test_serve_role_api_with_two_workers_serves_one_port_from_two_pids(
+    own_database: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    async with redis_server(tmp_path) as redis_url, open_simulator({"BTC-USD": "65000"}) as sim:
+        env = {
+            **os.environ,
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "DATABASE_URL": own_database,
+            "REDIS_URL": redis_url,
+            "COINBASE_WS_URL": sim.url,
+            "COINBASE_REST_URL": sim.rest_url,
+            "COINBASE_PRODUCTS": "BTC-USD",
+            "SHUTDOWN_GRACE_MS": "5000",
+            "RATE_LIMIT_PER_USER": "0",
+            "RATE_LIMIT_PER_ADDRESS": "0",
+        }
+        with log.open("wb") as out:
+            parent = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "tickguard", "serve", "--role", "api", "--workers", "2"],
+                env=env,
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                pids: list[int] = []
+                with trio.fail_after(90):  # both workers start, migrate (one waits) and listen
+                    while len(set(pids)) < 2:
+                        assert parent.poll() is None, log.read_text()[-3000:]
+                        pid = await ready_pid(http)
+                        if pid is None:
+                            await trio.sleep(0.05)
+                        else:
+                            pids.append(pid)
+                close = {"Connection": "close"}
+                ids = []
+                for i in range(10):  # each on a new connection: spread over both workers
+                    body = {
+                        "userId": "wally",
+                        "symbol": "BTC-USD",
+                        "side": "long",
+                        "entryPrice": "65000",
+                        "stopLoss": str(60000 - i),
+                    }
+                    created = await http.post("/api/positions", json=body, headers=close)
+                    assert created.status_code == 201, created.text
+                    ids.append(created.json()["data"]["id"])
+                for _ in range(10):  # whichever worker answers sees every write
+                    listed = await http.get(
+                        "/api/positions", params={"userId": "wally"}, headers=close
+                    )
+                    assert listed.status_code == 200, listed.text
+                    assert sorted(p["id"] for p in listed.json()["data"]) == sorted(ids)
+            parent.send_signal(signal.SIGTERM)
+            with trio.fail_after(60):
+                assert await parent.wait() == 0, log.read_text()[-3000:]
+            for pid in set(pids):
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await parent.wait()
