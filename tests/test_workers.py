@@ -8,9 +8,7 @@ run ``python -m tickguard``. Waits are for conditions, under ``trio.fail_after``
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -331,46 +329,6 @@ def test_workers_on_a_busy_port_is_one_line_and_status_1(tmp_path: Path) -> None
 
 # --- end to end: `tickguard serve --role api --workers 2` -----------------------------------
 
-# The split roles' modules the api role needs; main gains them as the role work lands.
-_ROLE_MODULES = ("tickguard.storage.bus", "tickguard.actors.lease", "tickguard.actors.follower")
-_MISSING = [m for m in _ROLE_MODULES if importlib.util.find_spec(m) is None]
-
-
-@asynccontextmanager
-async def redis_server(tmp_path: Path) -> AsyncIterator[str]:
-    """``TEST_REDIS_URL`` when set, else a ``redis-server`` of this test's own on a free port
-    (a shared server is never flushed or written to by these tests)."""
-    shared = os.environ.get("TEST_REDIS_URL")
-    if shared:
-        yield shared
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server (Debian package) and no TEST_REDIS_URL")
-    port = free_port()
-    server = await trio.lowlevel.open_process(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        with trio.fail_after(30):
-            while True:  # until it answers PING
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", port)
-                except OSError:
-                    await trio.sleep(0.02)
-                    continue
-                async with stream:
-                    await stream.send_all(b"PING\r\n")
-                    if (await stream.receive_some()).startswith(b"+PONG"):
-                        break
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await server.wait()
-
 
 async def ready_pid(http: httpx.AsyncClient) -> int | None:
     """/ready over a new connection (``Connection: close``): the answering worker's pid."""
@@ -384,16 +342,12 @@ async def ready_pid(http: httpx.AsyncClient) -> int | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    bool(_MISSING),
-    reason=f"`serve --role api` is not runnable on this main yet (missing {', '.join(_MISSING)})",
-)
 async def test_serve_role_api_with_two_workers_serves_one_port_from_two_pids(
-    own_database: str, tmp_path: Path
+    own_database: str, redis_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
-    async with redis_server(tmp_path) as redis_url, open_simulator({"BTC-USD": "65000"}) as sim:
+    async with open_simulator({"BTC-USD": "65000"}) as sim:
         env = {
             **os.environ,
             "PORT": str(port),
