@@ -14,7 +14,7 @@ NPM_STAMP := $(REACT)/node_modules/.installed
 CHROMIUM ?= /usr/bin/chromium
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install run sim demo demo-build test lint typecheck format check test-browser test-binary binary clean distclean
+.PHONY: help venv install run scaled sim demo demo-build test lint typecheck format check test-browser test-binary binary clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -34,6 +34,17 @@ install: $(STAMP) ## same as venv
 
 run: $(STAMP) ## start tickguard on http://127.0.0.1:8080 (embedded PostgreSQL unless DATABASE_URL is set)
 	$(BIN)/tickguard serve
+
+# The roles as separate processes on one machine (README "Scaling out"): needs DATABASE_URL
+# and REDIS_URL. Ctrl-C (or the end of any one of them) stops all three.
+scaled: SHELL := /bin/bash
+scaled: $(STAMP) ## api+gateway (2 workers, :8080) and two engines (:8091, :8092) on DATABASE_URL and REDIS_URL
+	@test -n "$$DATABASE_URL" -a -n "$$REDIS_URL" || { echo "make scaled: set DATABASE_URL and REDIS_URL" >&2; exit 2; }
+	@trap 'exit 0' INT TERM; trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT; \
+	PORT=8091 ENGINE_ID=engine-1 $(BIN)/tickguard serve --role engine & \
+	PORT=8092 ENGINE_ID=engine-2 $(BIN)/tickguard serve --role engine & \
+	$(BIN)/tickguard serve --role api,gateway --workers 2 & \
+	wait -n
 
 sim: $(STAMP) ## start the Coinbase-protocol simulator on ws://127.0.0.1:8765
 	$(BIN)/tickguard sim
