@@ -331,3 +331,43 @@ async def test_the_open_position_cap_holds_across_api_processes(
             for i in range(20):
                 nursery.start_soon(create, i)
         assert sorted(statuses) == [201] * 5 + [400] * 15, statuses
+
+
+async def test_redis_restarted_mid_run_loses_nothing(
+    own_database: str, own_redis: Any, tmp_path: Path
+) -> None:
+    """Redis carries only wake-ups and last prices: while it is down, creates still reach the
+    gateway's sessions (the follower polls the log) and the engine still watches and closes
+    them; once it is back, wake-ups resume."""
+    async with (
+        deployment(own_database, own_redis.url, tmp_path) as d,
+        open_database(own_database) as db,
+    ):
+        async with trio.open_nursery() as nursery:
+            for name, role in (("engine-a", "engine"), ("api", "api"), ("gateway", "gateway")):
+                nursery.start_soon(d.start, name, role)
+        leader = d.nodes[await d.leader()]
+        api, gateway = d.nodes["api"], d.nodes["gateway"]
+        async with event_stream(gateway, "hana") as stream:  # type: ignore[arg-type]
+            created: list[str] = []
+            for phase in range(3):  # before, during and after the outage
+                if phase == 1:
+                    own_redis.stop()
+                if phase == 2:
+                    own_redis.start()
+                for i in range(5):
+                    response = await api.create(long_with_stop("hana", str(64000 + 10 * i)))
+                    assert response.status_code == 201, response.text
+                    created.append(loads(response.content)["data"]["id"])
+                await stream.wait_for("position.created", len(created), timeout=30)
+
+            async def all_watched() -> bool:
+                return await _watching(leader) == len(created)
+
+            await until(all_watched, timeout=30)
+            d.sim.publish("BTC-USD", "63990")
+            await stream.wait_for("position.closed", len(created), timeout=30)
+        seqs = [m["seq"] for m in stream.messages if m["type"].startswith("position.")]
+        assert seqs == list(range(1, 2 * len(created) + 1))
+        result = await audit(db, created)
+        result.assert_clean()
