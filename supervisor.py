@@ -337,8 +337,10 @@ def _split_children(
             ),
         ]
         parts.update(fanout=fanout_box, fanout_stats=fanout_config.stats)
+        parts.setdefault("followers", {})["gateway"] = follower_stats
     if settings.plays("engine"):
         state = lease.LeaseState()
+        lease_stats = lease.LeaseStats()
         role = engine_role.EngineRole(state)
         owner = settings.engine_id or f"{socket.gethostname()}:{os.getpid()}"
         children += [
@@ -353,6 +355,7 @@ def _split_children(
                         ttl_ms=settings.engine_lease_ttl_ms,
                     ),
                     state,
+                    stats=lease_stats,
                 ),
             ),
             ChildSpec(
@@ -371,7 +374,8 @@ def _split_children(
                 grace_s=grace_s * 2,  # the term drains engines, then persistence
             ),
         ]
-        parts.update(engine_role=role, feed_status=role.feed_status)
+        parts.update(engine_role=role, feed_status=role.feed_status, lease_stats=lease_stats)
+        parts.setdefault("followers", {})["engine"] = role.follower_stats
         reports.append(role.report)
 
     def roles_report() -> dict[str, Any]:
@@ -455,6 +459,8 @@ def build_split_tree(
                 role.persistence_stats if role is not None else parts.get("persistence_stats"),
                 parts.get("fanout_stats"),
                 role.recovery_stats if role is not None else None,
+                lease=parts.get("lease_stats"),
+                followers=parts.get("followers", {}),
             ),
         )
     )

@@ -308,6 +308,12 @@ async def test_a_paused_leader_is_fenced_and_never_closes_twice(
 
         await until(stood_down, timeout=30)
         assert await d.leader() == others[0]
+        # Both say so in /metrics: the old leader counts a partition lost and holds none.
+        old = (await paused.http.get("/metrics")).text
+        assert "tickguard_engine_lease_partitions_held 0.0" in old
+        assert 'tickguard_engine_lease_changes_total{change="lost"} 1.0' in old
+        new = (await d.nodes[others[0]].http.get("/metrics")).text
+        assert "tickguard_engine_lease_partitions_held 1.0" in new
         result = await audit(db, triggered)
         result.assert_clean()
 

@@ -48,6 +48,8 @@ from tickguard.web.services import AppServices, WsStats, services_of
 if TYPE_CHECKING:  # the counters' types only: web reads them, never imports the actors' code
     from tickguard.actors.engine import EngineStats
     from tickguard.actors.fanout import FanoutStats
+    from tickguard.actors.follower import FollowerStats
+    from tickguard.actors.lease import LeaseStats
     from tickguard.actors.persistence import PersistenceStats
     from tickguard.actors.recovery import RecoveryStats
 
@@ -66,6 +68,9 @@ class MetricsSources:
     persistence: PersistenceStats | None = None
     fanout: FanoutStats | None = None
     recovery: RecoveryStats | None = None
+    # Split roles (issue 17): the engine lease and the event-log followers (by role).
+    lease: LeaseStats | None = None
+    followers: Mapping[str, FollowerStats] = attrs.field(factory=dict)
 
 
 class TickguardCollector(Collector):
@@ -85,6 +90,10 @@ class TickguardCollector(Collector):
                 yield from _fanout(sources.fanout)
             if sources.recovery is not None:
                 yield from _recovery(sources.recovery)
+            if sources.lease is not None:
+                yield from _lease(sources.lease)
+            if sources.followers:
+                yield from _followers(sources.followers)
             yield from _edge(self.services.ws_stats)
 
     def _feed(self) -> Iterator[Metric]:
@@ -185,6 +194,53 @@ def _persistence(stats: PersistenceStats) -> Iterator[Metric]:
         "Transactions the persistence actor committed.",
         value=stats.transactions,
     )
+    yield CounterMetricFamily(
+        "tickguard_closes_fenced",
+        "Engine closes refused because this process no longer held the lease with their token.",
+        value=stats.closes_fenced,
+    )
+    yield CounterMetricFamily(
+        "tickguard_watermarks_fenced",
+        "Watermark advances refused because the lease was no longer held with their token.",
+        value=stats.watermarks_fenced,
+    )
+
+
+def _lease(stats: LeaseStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "tickguard_engine_lease_partitions_held",
+        "Engine lease partitions this process holds now (1 = the leader, with one lease).",
+        value=len(stats.held),
+    )
+    yield _by_label(
+        "tickguard_engine_lease_changes",
+        "Engine lease partitions acquired and lost by this process.",
+        "change",
+        {"acquired": stats.acquired, "lost": stats.lost},
+    )
+    yield CounterMetricFamily(
+        "tickguard_engine_lease_renew_failures",
+        "Lease renewals that failed (database away or too slow).",
+        value=stats.renew_failures,
+    )
+
+
+def _followers(followers: Mapping[str, FollowerStats]) -> Iterator[Metric]:
+    events = CounterMetricFamily(
+        "tickguard_log_follower_events",
+        "Events read from the event log, by the role that follows it.",
+        labels=["role"],
+    )
+    lag = GaugeMetricFamily(
+        "tickguard_log_follower_lag_seconds",
+        "Seconds since the follower last had read the whole log (grows through an outage).",
+        labels=["role"],
+    )
+    for role, stats in sorted(followers.items()):
+        events.add_metric([role], stats.events)
+        lag.add_metric([role], stats.lag_s if stats.lag_s is not None else float("nan"))
+    yield events
+    yield lag
 
 
 def _by_label(name: str, help_text: str, label: str, counts: dict[str, int]) -> Metric:
