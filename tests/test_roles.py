@@ -377,3 +377,47 @@ async def test_redis_restarted_mid_run_loses_nothing(
         assert seqs == list(range(1, 2 * len(created) + 1))
         result = await audit(db, created)
         result.assert_clean()
+
+
+async def test_a_stop_crossed_right_after_a_create_through_api_closes_it(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Invariant 10 across processes: the engine learns of a create from the event log, maybe
+    after it judged the trade that crosses the new stop; it judges the position against the
+    windows newer than its creation (catch-up), so the stop closes it even though the price
+    never crosses again."""
+    async with (
+        deployment(own_database, redis_url, tmp_path) as d,
+        open_database(own_database) as db,
+    ):
+        async with trio.open_nursery() as nursery:
+            for name, role in (("engine-a", "engine"), ("api", "api")):
+                nursery.start_soon(d.start, name, role)
+        leader = d.nodes[await d.leader()]
+        api = d.nodes["api"]
+        # A position the engine already watches keeps the symbol subscribed and live.
+        await api.create(long_with_stop("ivan", "60000"))
+
+        async def one_watched() -> bool:
+            return await _watching(leader) == 1
+
+        await until(one_watched, timeout=30)
+        ids = []
+        for _ in range(10):
+            response = await api.create(long_with_stop("ivan", "64500"))
+            assert response.status_code == 201, response.text
+            ids.append(loads(response.content)["data"]["id"])
+            # Crossed at once, then the price comes back above the stop for good.
+            d.sim.publish("BTC-USD", "64400")
+            d.sim.publish("BTC-USD", "65000")
+
+        async def all_closed() -> bool:
+            count = await db.fetchval(
+                "SELECT count(*) FROM positions WHERE id::text = ANY($1::text[]) "
+                "AND status = 'closed'",
+                ids,
+            )
+            return int(count) == len(ids)
+
+        await until(all_closed, timeout=30)
+        (await audit(db, ids)).assert_clean()
