@@ -421,3 +421,34 @@ async def test_a_stop_crossed_right_after_a_create_through_api_closes_it(
 
         await until(all_closed, timeout=30)
         (await audit(db, ids)).assert_clean()
+
+
+async def test_an_api_process_checks_symbols_against_the_product_list_only(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    """An api process has no feed to ask: a symbol Coinbase does not list is a 400, and while
+    the list cannot be read a create is a 503; neither stores anything."""
+    async with (
+        deployment(own_database, redis_url, tmp_path) as d,
+        open_database(own_database) as db,
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(d.start, "api", "api")
+            nursery.start_soon(
+                lambda: d.start("blind-api", "api", COINBASE_REST_URL="http://127.0.0.1:1")
+            )
+        made_up = {**long_with_stop("jo", "60000"), "symbol": "FOO-BAR"}
+
+        async def refused() -> bool:
+            response = await d.nodes["api"].create(made_up)
+            if response.status_code == 503:  # the list is being read
+                return False
+            assert response.status_code == 400, response.text
+            assert "FOO-BAR is not a valid product" in response.text
+            return True
+
+        await until(refused, timeout=30)
+        blind = await d.nodes["blind-api"].create(long_with_stop("jo", "60000"))
+        assert blind.status_code == 503, blind.text
+        assert blind.headers["Retry-After"]
+        assert await db.fetchval("SELECT count(*) FROM positions") == 0

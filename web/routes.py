@@ -44,7 +44,7 @@ from tickguard.web.schemas import (
     structure,
 )
 from tickguard.web.services import AppServices, services_of
-from tickguard.web.symbols import SymbolRejected, ensure_symbol
+from tickguard.web.symbols import SymbolRejected, SymbolUnchecked, ensure_symbol
 from tickguard.wire import loads, position_to_json
 
 routes = Blueprint("routes", __name__)
@@ -153,6 +153,8 @@ async def create_position() -> Response:
     except SymbolRejected:
         message = f"Unknown symbol: {symbol} is not a valid product."
         raise ApiError(400, message, {"symbol": message}) from None
+    except SymbolUnchecked:
+        raise unavailable("Coinbase's product list has not been read yet.") from None
     if entry is None:
         entry = await _last_price(services, symbol)
         if entry is None:

@@ -4,7 +4,8 @@
 Coinbase's product list (the catalog, ``actors/products.py``), so that a made-up symbol never
 reaches the feed (no subscribe, no per-product state, no log line); then it asks the feed
 (API.md "Beyond": wait at most 3 s for Coinbase's answer). While the list has never been read,
-the feed's answer alone decides, as before the catalog existed.
+the feed's answer alone decides, as before the catalog existed. An api process of a split
+deployment has no feed: until its list has been read, a create answers 503.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class SymbolRejected(Exception):
         self.reason = reason
 
 
+class SymbolUnchecked(Exception):
+    """An api process (issue 17) has no feed to ask, and Coinbase's product list has not been
+    read yet: the symbol cannot be checked now, so nothing is stored (503, try again)."""
+
+
 SUBSCRIBE_WAIT_S = 3.0  # API.md: the first position on a new symbol waits at most this long
 
 log = logging.getLogger("tickguard.web")
@@ -47,6 +53,8 @@ async def ensure_symbol(services: AppServices, symbol: str) -> None:
     if catalog is not None and catalog.known(symbol) is False:
         raise SymbolRejected(symbol, f"{symbol} is not in Coinbase's product list")
     if services.feed is None:
+        if catalog is not None and catalog.known(symbol) is None and services.settings.split:
+            raise SymbolUnchecked(symbol)
         return
     try:
         outcome: SubscribeOutcome = await ask(
