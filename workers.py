@@ -25,6 +25,7 @@ per worker, so ``serve_workers`` refuses a process that plays engine.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import socket
@@ -171,7 +172,9 @@ async def run_workers(
         consecutive = 0
         first = True
         while True:
-            process = await trio.lowlevel.open_process(argv, env=dict(env))
+            process = await trio.lowlevel.open_process(
+                argv, env=dict(env), preexec_fn=_die_with_parent
+            )
             group.processes[slot] = process
             started_at = trio.current_time()
             log.info("worker %d: started (pid %d)", slot, process.pid)
@@ -269,3 +272,15 @@ async def _stop(process: trio.Process, slot: int, timeout_s: float) -> int:
     status = await process.wait()
     log.info("worker %d: exited with status %d", slot, status)
     return status
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when the parent dies, even by SIGKILL, so a
+    killed parent never leaves workers holding the port (Linux; elsewhere a no-op)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -210,6 +211,42 @@ def test_sigterm_to_the_parent_stops_every_worker_and_exits_0(tmp_path: Path) ->
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_parent_killed_by_sigkill_takes_its_workers_with_it(tmp_path: Path) -> None:
+    """A worker must not outlive its parent holding the port (PR_SET_PDEATHSIG)."""
+    port = free_port()
+    driver = (
+        "import functools, os, sys, trio\n"
+        "from tickguard.workers import run_workers\n"
+        f"command = {server_command(port)!r}\n"
+        "sys.exit(trio.run(functools.partial(run_workers, command, 2, dict(os.environ))))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path)
+    try:
+        children = set(trio.run(functools.partial(pids_until, port, set(), distinct=2)))
+        assert len(children) == 2
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30  # a hang guard, not a speed bound
+        while any(_alive(pid) for pid in children):
+            assert time.monotonic() < deadline, f"workers outlived their parent: {children}"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A worker that exited but is not reaped yet (its parent is gone: init reaps it) is a
+    # zombie: it holds no port any more.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_the_worker_command_runs_this_program_with_the_hidden_flag() -> None:
