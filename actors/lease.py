@@ -19,8 +19,9 @@ shutdown hands over at once instead of after the TTL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import MappingProxyType
+from typing import Protocol
 
 import attrs
 import trio
@@ -33,16 +34,28 @@ log = logging.getLogger(__name__)
 RELEASE_TIMEOUT_S = 2.0
 
 
+class PartitionPlanner(Protocol):
+    """Decides, once per keeper round, which partitions this process should hold (issue 18's
+    balancer, ``actors.balance.Balancer``). Both calls may raise ``DatabaseUnavailable``."""
+
+    async def plan(self, held: Collection[int], *, timeout: float | None = None) -> list[int]: ...
+
+    async def leave(self, *, timeout: float | None = None) -> None: ...
+
+
 @attrs.frozen
 class LeaseConfig:
     """``owner`` names this process in the lease rows (unique per process); ``partitions`` is
-    ``ENGINE_PARTITIONS``; ``ttl_ms`` is ``ENGINE_LEASE_TTL_MS``. ``wanted`` (issue 18's
-    balancer) returns the partitions this process should hold; None wants them all."""
+    ``ENGINE_PARTITIONS``; ``ttl_ms`` is ``ENGINE_LEASE_TTL_MS``. ``wanted`` returns the
+    partitions this process should hold; None wants them all. ``balancer`` (issue 18), when
+    given, decides instead, each round, from the database (and is told when the keeper stops);
+    while the database cannot answer it, the keeper keeps what it holds and takes nothing."""
 
     owner: str = attrs.field(validator=attrs.validators.min_len(1))
     partitions: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     ttl_ms: int = attrs.field(default=10_000, validator=attrs.validators.gt(0))
     wanted: Callable[[], Sequence[int]] | None = None
+    balancer: PartitionPlanner | None = attrs.field(default=None, eq=False)
 
 
 @attrs.define
@@ -126,16 +139,26 @@ class _Keeper:
         self.held: dict[int, int] = {}
         self.renewed_at: dict[int, float] = {}  # trio time each renewal was SENT
 
-    def wanted(self) -> list[int]:
-        if self.config.wanted is None:
+    async def wanted(self) -> list[int]:
+        if self.config.balancer is not None:
+            try:
+                planned: Sequence[int] = await self.config.balancer.plan(
+                    list(self.held), timeout=self.timeout_s
+                )
+            except DatabaseUnavailable as exc:
+                log.warning("lease balancing skipped (keeping what is held): %s", exc)
+                planned = list(self.held)
+        elif self.config.wanted is None:
             return list(range(self.config.partitions))
-        return sorted({p for p in self.config.wanted() if 0 <= p < self.config.partitions})
+        else:
+            planned = self.config.wanted()
+        return sorted({p for p in planned if 0 <= p < self.config.partitions})
 
     async def round(self) -> None:
         """Renew, drop what is overdue, release what is no longer wanted, acquire the rest."""
         await self.renew()
         self.drop_overdue()
-        wanted = self.wanted()
+        wanted = await self.wanted()
         unwanted = {p: t for p, t in self.held.items() if p not in wanted}
         if unwanted:
             self.forget(unwanted)
@@ -222,11 +245,17 @@ class _Keeper:
         owner (shielded, bounded; if the database is away they expire by TTL)."""
         held = dict(self.held)
         self.forget(held)
-        if not held:
+        balancer = self.config.balancer
+        if not held and balancer is None:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_S):
             try:
-                await leases.release(self.db, held, self.config.owner, timeout=RELEASE_TIMEOUT_S)
-                log.info("leases released: %s", sorted(held))
+                if held:
+                    await leases.release(
+                        self.db, held, self.config.owner, timeout=RELEASE_TIMEOUT_S
+                    )
+                    log.info("leases released: %s", sorted(held))
+                if balancer is not None:  # the others rebalance at once, not after the TTL
+                    await balancer.leave(timeout=RELEASE_TIMEOUT_S)
             except DatabaseUnavailable as exc:
                 log.warning("lease release failed (they expire by TTL): %s", exc)
