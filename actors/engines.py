@@ -4,12 +4,17 @@ under a nested supervisor, and the mailbox each one keeps across restarts.
 The supervisor builds one ``EngineDirectory`` and runs its ``supervisor``; persistence sends
 Track/Untrack through ``send``. Engines themselves never touch storage: their loader
 (``storage.loading.open_positions`` bound to the pool) is handed to them here.
+
+In a sharded engine process (issue 18) ``owns`` says which symbols this process may judge now
+(their partition's lease is held): a message for any other symbol starts nothing, and the
+engine role ``start``s and ``stop``s the engines of partitions as they are gained and lost.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -41,6 +46,7 @@ class EngineDirectory:
         engine_config: engine.EngineConfig = engine.EngineConfig(),
         faults: FaultPoints | None = None,
         stats: dict[str, engine.EngineStats] | None = None,
+        owns: Callable[[str], bool] | None = None,
     ) -> None:
         self.db = db
         self.slots = slots
@@ -53,9 +59,35 @@ class EngineDirectory:
         self.stats: dict[str, engine.EngineStats] = {} if stats is None else stats
         self.supervisor = Supervisor([ChildSpec("engine-starter", self._run_starter)])
         self._wanted_send, self._wanted = trio.open_memory_channel[str](math.inf)
+        self._owns = owns
+        # Starts and stops one at a time: a stop never races the start of the same engine.
+        self._changing = trio.Lock()
+
+    def owns(self, symbol: str) -> bool:
+        """Whether this process may judge ``symbol`` now (always, without ``owns``)."""
+        return self._owns is None or self._owns(symbol)
 
     def send(self, symbol: str, message: Track | Untrack) -> None:
+        """Queue ``message`` for ``symbol``'s engine (started on first use); dropped when the
+        symbol is not ours (its owner learns of it from the event log)."""
+        if not self.owns(symbol):
+            return
         self._mailbox(symbol).send_nowait(message)
+
+    def start(self, symbols: Iterable[str]) -> None:
+        """Start engines for ``symbols`` (those this process owns), in the background."""
+        for symbol in symbols:
+            if self.owns(symbol):
+                self._mailbox(symbol)
+
+    async def stop(self, symbols: Iterable[str]) -> None:
+        """Stop the engines of ``symbols`` and forget their mailboxes; returns once they are
+        gone (each hands what it triggered to persistence as it stops, where a lost lease
+        fences it). A later message or ``start`` starts a fresh engine that loads again."""
+        async with self._changing:
+            for symbol in symbols:
+                self.mailboxes.pop(symbol, None)
+                await self.supervisor.stop_child(f"engine:{symbol}")
 
     def _mailbox(self, symbol: str) -> Mailbox[Track | Untrack]:
         box = self.mailboxes.get(symbol)
@@ -67,7 +99,8 @@ class EngineDirectory:
     async def _run_starter(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Start an engine for every symbol with open positions, then each new symbol."""
         for symbol in await loading.open_symbols(self.db):
-            self._mailbox(symbol)
+            if self.owns(symbol):
+                self._mailbox(symbol)
         for symbol in list(self.mailboxes):  # also after a restart of this supervisor
             await self._ensure(symbol)
         task_status.started()
@@ -75,7 +108,14 @@ class EngineDirectory:
             await self._ensure(symbol)
 
     async def _ensure(self, symbol: str) -> None:
+        async with self._changing:
+            await self._start(symbol)
+
+    async def _start(self, symbol: str) -> None:
         child_id = f"engine:{symbol}"
+        # Stopped (or no longer ours) since it was asked for: nothing to start.
+        if symbol not in self.mailboxes or not self.owns(symbol):
+            return
         if self.supervisor.has_child(child_id):
             return
         if self.feed_box is not None:

@@ -46,7 +46,15 @@ from tickguard.actors.feed_connection import (
 )
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox
-from tickguard.actors.messages import FeedCommand, RecoverGap, SubscribeOutcome, Unwatch, Watch
+from tickguard.actors.messages import (
+    Drop,
+    FeedCommand,
+    Pin,
+    RecoverGap,
+    SubscribeOutcome,
+    Unwatch,
+    Watch,
+)
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
 
@@ -142,14 +150,16 @@ class _Feed:
         self.ahead: dict[str, int] = {}
         # Products trading again whose first ticker since is still to come.
         self.resumed: set[str] = set()
+        # Always subscribed: the configured products, or what a Pin says (issue 18).
+        self.pinned: tuple[str, ...] = tuple(config.products)
+        # Dropped (another engine owns them now) and not watched since: tickers ignored.
+        self.dropped: set[str] = set()
         status.status_channel = "connecting" if config.status_channel else "off"
         for product in config.products:
             status.product(product)
 
     def desired(self) -> list[str]:
-        wanted = list(self.config.products) + [
-            s for s in self.watched if s not in self.config.products
-        ]
+        wanted = list(self.pinned) + [s for s in self.watched if s not in self.pinned]
         return [s for s in wanted if s not in self.rejected]
 
     def wake(self) -> None:
@@ -164,8 +174,12 @@ class _Feed:
                 command = await self.commands.receive()
                 if isinstance(command, Watch):
                     self.on_watch(command)
-                else:
+                elif isinstance(command, Unwatch):
                     self.on_unwatch(command)
+                elif isinstance(command, Pin):
+                    self.on_pin(command)
+                else:
+                    self.on_drop(command)
                 continue
             now = trio.current_time()
             expired = [s for s, d in self.watched.items() if d is not None and d <= now]
@@ -180,7 +194,8 @@ class _Feed:
         if symbol in self.rejected:
             self.commands.answer(command, SubscribeOutcome.rejected(self.rejected[symbol]))
             return
-        if symbol not in self.config.products:
+        self.dropped.discard(symbol)
+        if symbol not in self.pinned:
             self.watched[symbol] = None
         session = self.session
         if session is None and self.backing_off:
@@ -197,6 +212,34 @@ class _Feed:
     def on_unwatch(self, command: Unwatch) -> None:
         if command.symbol in self.watched:
             self.watched[command.symbol] = trio.current_time() + self.config.linger_s
+
+    def on_pin(self, command: Pin) -> None:
+        """Keep exactly ``command.products`` subscribed besides the watched symbols; a product
+        no longer pinned (nor watched) is unsubscribed now."""
+        self.pinned = tuple(sorted(command.products))
+        for product in self.pinned:
+            self.dropped.discard(product)
+            self.status.product(product)
+        self.wake()
+
+    def on_drop(self, command: Drop) -> None:
+        """Another engine owns these symbols now: unsubscribe them without lingering, ignore
+        their tickers until watched again, and forget their last trade, so that a later
+        subscription recovers from the durable watermark (the other owner may have judged
+        trades since, or had ours fenced)."""
+        for symbol in command.symbols:
+            self.watched.pop(symbol, None)
+            if symbol in self.pinned:
+                self.pinned = tuple(p for p in self.pinned if p != symbol)
+            self.dropped.add(symbol)
+            self.last_trade_id.pop(symbol, None)
+            self.ahead.pop(symbol, None)
+            self.resumed.discard(symbol)
+            if self.session is not None:
+                self.session.first_ticker_seen.discard(symbol)
+        if command.symbols:
+            log.info("feed: dropped %s", ", ".join(sorted(command.symbols)))
+        self.wake()
 
     def settle_waiters(self, symbol: str, outcome: SubscribeOutcome) -> None:
         for command in self.waiters.pop(symbol, []):
@@ -315,6 +358,8 @@ class _Feed:
     def on_ticker(self, session: _Subscriptions, msg: coinbase.Message, now: float) -> None:
         product: str = msg.product_id  # type: ignore[assignment]
         trade_id: int = msg.trade_id  # type: ignore[assignment]
+        if product in self.dropped:
+            return  # owned by another engine now; its unsubscribe is on its way
         status = self.status.products.get(product) or self.status.product(product)
         status.last_message_at = now
         if status.state != "live" and product in session.subscribed:
@@ -347,6 +392,8 @@ class _Feed:
         self.slots.get(product).put(msg.price, trade_id, msg.time, alone=first)  # type: ignore[arg-type]
 
     def on_heartbeat(self, product: str, last_trade_id: int, now: float) -> None:
+        if product in self.dropped:
+            return
         status = self.status.product(product)
         status.last_message_at = now
         if status.state == "stale":
@@ -523,6 +570,8 @@ class _Feed:
             self.settle_waiters(symbol, SubscribeOutcome.ACCEPTED)
         elif op == "unsubscribe" and symbol not in session.subscribed:
             self.status.products.pop(symbol, None)
+            # A later subscription's first ticker is a first again (a gap to recover).
+            session.first_ticker_seen.discard(symbol)
 
     def recycle(self, session: _Subscriptions, reason: str, scope: trio.CancelScope) -> None:
         """End this connection (then reconnect) for ``reason``, shown in /ready at once."""

@@ -60,6 +60,8 @@ __all__ = [
     "Untrack",
     "Unwatch",
     "Watch",
+    "Pin",
+    "Drop",
     "WriteRejected",
 ]
 
@@ -160,6 +162,24 @@ class Unwatch:
     symbol: str
 
 
+@attrs.frozen
+class Pin:
+    """engine role → feed: the products to keep subscribed whatever the engines watch (the
+    ``COINBASE_PRODUCTS`` of the partitions this process owns, issue 18); replaces the feed's
+    configured ones."""
+
+    products: frozenset[str]
+
+
+@attrs.frozen
+class Drop:
+    """engine role → feed: these symbols' partitions went to another engine: unsubscribe now
+    (no linger), ignore their tickers until watched again, and forget their last trade, so a
+    later subscription recovers from the durable watermark (issue 18)."""
+
+    symbols: frozenset[str]
+
+
 @attrs.frozen(eq=False)
 class Join:
     """/ws → fanout: deliver this user's events to ``queue`` from now on."""
@@ -177,4 +197,4 @@ class Leave:
 # What each actor's mailbox carries.
 PersistenceRequest = CreateRequest | CloseRequest | AdvanceWatermark
 FanoutMessage = Event | Join | Leave
-FeedCommand = Watch | Unwatch
+FeedCommand = Watch | Unwatch | Pin | Drop
