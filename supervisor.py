@@ -269,7 +269,7 @@ def _split_children(
     """The children of a process playing some of the roles (issue 17), and what the web app
     is given of them. Each role talks to the others only through PostgreSQL (the event log)
     and Redis (wake-ups, last prices)."""
-    from tickguard.actors import engine_role, follower, lease, notifier
+    from tickguard.actors import balance, engine_role, follower, lease, notifier
 
     grace_s = settings.shutdown_grace_ms / 1000
     children: list[ChildSpec] = []
@@ -341,8 +341,14 @@ def _split_children(
     if settings.plays("engine"):
         state = lease.LeaseState()
         lease_stats = lease.LeaseStats()
-        role = engine_role.EngineRole(state)
         owner = settings.engine_id or f"{socket.gethostname()}:{os.getpid()}"
+        # Stage 3 (issue 18): the engines share ENGINE_PARTITIONS leases, each its fair share.
+        balancer = balance.Balancer(
+            db, owner, settings.engine_partitions, settings.engine_lease_ttl_ms
+        )
+        role = engine_role.EngineRole(
+            state, partitions=settings.engine_partitions, balancer=balancer
+        )
         children += [
             ChildSpec(
                 "lease",
@@ -351,8 +357,9 @@ def _split_children(
                     db,
                     lease.LeaseConfig(
                         owner=owner,
-                        partitions=engine_role.LEASE_PARTITIONS,
+                        partitions=settings.engine_partitions,
                         ttl_ms=settings.engine_lease_ttl_ms,
+                        balancer=balancer,
                     ),
                     state,
                     stats=lease_stats,

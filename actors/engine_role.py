@@ -1,10 +1,19 @@
-"""The engine role of a split deployment (issue 17, DESIGN.md "Beyond one process").
+"""The engine role of a split deployment (issues 17 and 18, DESIGN.md "Beyond one process").
 
-An engine process judges prices only while it holds the engine lease (``actors.lease``): one
-PostgreSQL row renewed within ``ENGINE_LEASE_TTL_MS``. A second engine process waits as a
-standby and takes over when the lease expires. Each holding is a *term*: a supervisor of its
-own with the engine side of the tree, built afresh, so nothing of an earlier term (windows,
-indexes, pending closes) survives into the next one:
+The symbol space is cut into ``ENGINE_PARTITIONS`` partitions (``actors.partitions``), each a
+PostgreSQL lease row renewed within ``ENGINE_LEASE_TTL_MS`` (``actors.lease``). Every engine
+process announces itself and holds its fair share of the partitions (``actors.balance``); an
+engine judges a symbol only while it holds that symbol's partition. With one partition (stage
+2) one engine leads and the others stand by.
+
+While a process holds at least one partition it runs a *term*: a supervisor of its own with the
+engine side of the tree, built afresh, so nothing of an earlier term (windows, indexes, pending
+closes) survives into the next one. Inside a term the engines follow ownership (stage 3): when a
+partition is gained, the engines of its symbols with open positions start (each loads its
+positions; the feed's first ticker is a gap recovered from the durable watermark) and its
+``COINBASE_PRODUCTS`` are subscribed; when one is lost (or taken anew with another token), its
+engines stop and the feed drops its symbols at once. Log events of symbols not owned are
+ignored: their owner reads them from the log too.
 
     Supervisor "term"
       follower     the event log's tail (started first): creates and manual closes made by api
@@ -18,9 +27,9 @@ indexes, pending closes) survives into the next one:
       prices       publishes each symbol's last price to Redis (api processes read it for a
                    create without entryPrice)
 
-The term ends when the lease is lost (cancelled at once: its closes would be fenced anyway)
-or when the process stops (drained in order, then the lease is released so the standby takes
-over without waiting for the TTL).
+The term ends when the last partition is lost (cancelled at once: its closes would be fenced
+anyway) or when the process stops (drained in order, then the leases are released so the
+others take over without waiting for the TTL).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -35,30 +45,34 @@ import attrs
 import trio
 
 from tickguard.actors import engine, feed, follower, notifier, persistence, recovery
+from tickguard.actors.balance import Balancer
 from tickguard.actors.engines import EngineDirectory
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.lease import LeaseState
 from tickguard.actors.mailbox import Mailbox
 from tickguard.actors.messages import (
+    Drop,
     FanoutMessage,
     FeedCommand,
     PersistenceRequest,
+    Pin,
     RecoverGap,
     Track,
     Untrack,
 )
+from tickguard.actors.partitions import partition_of
 from tickguard.actors.supervision import ChildSpec, RestartPolicy, Supervisor
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, DatabaseUnavailable, watermarks, writes
+from tickguard.storage import Database, DatabaseUnavailable, loading, watermarks, writes
 from tickguard.storage.bus import Bus
 from tickguard.storage.tail import TailEvent
 from tickguard.storage.writes import Fence
 
 log = logging.getLogger("tickguard.actors.engine_role")
 
-# Stage 2 of the seed's scaling path: one lease covers every symbol (issue 18 splits it).
+# Stage 2 of the seed's scaling path: one lease covers every symbol (ENGINE_PARTITIONS=1).
 LEASE_PARTITIONS = 1
 # How many recent windows an engine keeps for positions tracked late (EngineConfig).
 CATCH_UP_WINDOWS = 1024
@@ -70,6 +84,8 @@ class EngineRole:
     """What outlives the terms: counters and states /ready and /metrics read."""
 
     lease: LeaseState
+    partitions: int = LEASE_PARTITIONS  # ENGINE_PARTITIONS
+    balancer: Balancer | None = None
     engine_stats: dict[str, engine.EngineStats] = attrs.field(factory=dict)
     persistence_stats: persistence.PersistenceStats = attrs.field(
         factory=persistence.PersistenceStats
@@ -78,7 +94,12 @@ class EngineRole:
     follower_stats: follower.FollowerStats = attrs.field(factory=follower.FollowerStats)
     feed_status: FeedStatus = attrs.field(factory=FeedStatus)
     terms: int = 0
-    symbols: tuple[str, ...] = ()  # the symbols the current term's engines own
+    # The symbols this process owns now: its engines' and its pinned COINBASE_PRODUCTS.
+    symbols: tuple[str, ...] = ()
+
+    def owns(self, symbol: str) -> bool:
+        """Whether ``symbol``'s partition is held now (the keeper's live view)."""
+        return partition_of(symbol, self.partitions) in self.lease.held
 
     def report(self) -> dict[str, Any]:
         held = dict(self.lease.held)
@@ -86,8 +107,10 @@ class EngineRole:
             "engine": {
                 "leader": bool(held),
                 "partitions": sorted(held),
+                "partitionsTotal": self.partitions,
+                "members": self.balancer.members_seen if self.balancer is not None else None,
                 "terms": self.terms,
-                "symbols": sorted(self.symbols) if held else [],
+                "symbols": sorted(s for s in self.symbols if self.owns(s)) if held else [],
             }
         }
 
@@ -104,28 +127,25 @@ async def run(
     stopping: trio.Event,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Hold terms while the lease is held, until ``stopping`` is set."""
+    """Hold terms while any partition is held, until ``stopping`` is set."""
     task_status.started()
     while not stopping.is_set():
-        token = await _lease_or_stop(role.lease, stopping)
-        if token is None:
+        held = await _lease_or_stop(role.lease, stopping)
+        if held is None:
             return
         role.terms += 1
-        log.info("engine lease acquired (token %d): starting term %d", token, role.terms)
-        lost = await _term(
-            settings, db, bus, role, token, faults, policy, recovery_config, stopping
-        )
+        log.info("engine partitions acquired %s: starting term %d", sorted(held), role.terms)
+        lost = await _term(settings, db, bus, role, faults, policy, recovery_config, stopping)
         if lost:
-            log.warning("engine lease lost (token %d): standing by", token)
+            log.warning("engine partitions all lost: standing by")
         role.symbols = ()
 
 
-async def _lease_or_stop(lease: LeaseState, stopping: trio.Event) -> int | None:
-    """The token of partition 0 once it is held, or None when ``stopping`` is set first."""
+async def _lease_or_stop(lease: LeaseState, stopping: trio.Event) -> dict[int, int] | None:
+    """What is held once anything is, or None when ``stopping`` is set first."""
     while not stopping.is_set():
-        token = lease.held.get(0)
-        if token is not None:
-            return token
+        if lease.held:
+            return dict(lease.held)
         with trio.move_on_after(0.05):  # stopping is checked at least this often
             await lease.wait_changed()
     return None
@@ -136,13 +156,12 @@ async def _term(
     db: Database,
     bus: Bus,
     role: EngineRole,
-    token: int,
     faults: FaultPoints | None,
     policy: RestartPolicy,
     recovery_config: recovery.RecoveryConfig | None,
     stopping: trio.Event,
 ) -> bool:
-    """One term; True when it ended because the lease was lost."""
+    """One term; True when it ended because every partition was lost."""
     slots = WindowSlots()
     persistence_box: Mailbox[PersistenceRequest] = Mailbox("persistence")
     notify_box: Mailbox[FanoutMessage] = Mailbox("notifier")
@@ -159,9 +178,11 @@ async def _term(
         ),
         faults=faults,
         stats=role.engine_stats,
+        owns=role.owns,
     )
     grace_s = settings.shutdown_grace_ms / 1000
-    fence = Fence({0: token}, LEASE_PARTITIONS)
+    # The keeper's live view: a batch is fenced by the tokens held when it is written.
+    fence = Fence(role.lease.held, role.partitions)
     # The follower starts first: what commits after its start reaches the engines through it,
     # what committed before is in the database when each engine loads (duplicates are ignored).
     to_intake, from_follower = trio.open_memory_channel[list[TailEvent]](math.inf)
@@ -200,7 +221,8 @@ async def _term(
             "feed",
             functools.partial(
                 feed.run,
-                feed.config_from(settings),
+                # Nothing is always subscribed: the owned partitions' products are pinned.
+                attrs.evolve(feed.config_from(settings), products=()),
                 slots,
                 feed_box,
                 role.feed_status,
@@ -226,7 +248,7 @@ async def _term(
             mailboxes=(recovery_box,),
         ),
         ChildSpec("engines", engines.supervisor.run, graceful=True, grace_s=grace_s),
-        ChildSpec("prices", functools.partial(_publish_prices, slots, bus)),
+        ChildSpec("prices", functools.partial(_publish_prices, slots, bus, role.owns)),
     ]
     term = Supervisor(
         children,
@@ -244,14 +266,11 @@ async def _term(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(term.run)
-        role.symbols = tuple(engines.mailboxes)
         lost = trio.Event()
+        ownership = _Ownership(role, engines, feed_box, settings.coinbase_products, db)
 
         async def watch_lease() -> None:
-            while role.lease.held.get(0) == token:
-                role.symbols = tuple(engines.mailboxes)
-                with trio.move_on_after(0.5):
-                    await role.lease.wait_changed()
+            await ownership.follow()
             lost.set()
 
         nursery.start_soon(watch_lease)
@@ -264,6 +283,67 @@ async def _term(
         await term.shutdown()
         nursery.cancel_scope.cancel()
     return False
+
+
+class _Ownership:
+    """Makes a term's engines and feed follow the partitions held (the keeper's live view)."""
+
+    def __init__(
+        self,
+        role: EngineRole,
+        engines: EngineDirectory,
+        feed_box: Mailbox[FeedCommand],
+        products: tuple[str, ...],
+        db: Database,
+        *,
+        retry_s: float = 0.5,
+    ) -> None:
+        self.role = role
+        self.engines = engines
+        self.feed_box = feed_box
+        self.products = products
+        self.db = db
+        self.retry_s = retry_s
+        self.current: dict[int, int] = {}  # what the engines and the feed follow now
+
+    def of(self, symbols: Any, partitions: Any) -> set[str]:
+        return {s for s in symbols if partition_of(s, self.role.partitions) in partitions}
+
+    async def follow(self) -> None:
+        """Until nothing is held: on every change, stop what was lost, start what was gained."""
+        while True:
+            held = dict(self.role.lease.held)
+            if not held:
+                return
+            lost = {p for p, t in self.current.items() if held.get(p) != t}
+            gained = {p for p, t in held.items() if self.current.get(p) != t}
+            if lost:
+                # A partition taken anew (another token) is lost and gained: its engines
+                # restart and load again, its symbols are recovered from the watermark.
+                stopped = self.of(list(self.engines.mailboxes), lost)
+                await self.engines.stop(sorted(stopped))
+                self.feed_box.send_nowait(Drop(frozenset(stopped | self.of(self.products, lost))))
+                log.info("engine partitions lost %s: stopped %s", sorted(lost), sorted(stopped))
+            if lost or gained:
+                self.feed_box.send_nowait(Pin(frozenset(self.of(self.products, held))))
+            if gained:
+                symbols = await self.open_symbols()
+                self.engines.start(sorted(self.of(symbols, gained)))
+                log.info("engine partitions gained %s", sorted(gained))
+            self.current = held
+            self.role.symbols = tuple(
+                sorted(set(self.engines.mailboxes) | self.of(self.products, held))
+            )
+            with trio.move_on_after(0.5):
+                await self.role.lease.wait_changed()
+
+    async def open_symbols(self) -> list[str]:
+        while True:
+            try:
+                return await loading.open_symbols(self.db)
+            except DatabaseUnavailable as exc:
+                log.warning("engine ownership: %s; retrying in %.1f s", exc, self.retry_s)
+                await trio.sleep(self.retry_s)
 
 
 async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -309,15 +389,20 @@ async def _intake(
 async def _publish_prices(
     slots: WindowSlots,
     bus: Bus,
+    owns: Callable[[str], bool],
     *,
     interval_s: float = PRICE_INTERVAL_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Each symbol's last price, to Redis, when it changed (at most every ``interval_s``)."""
+    """Each owned symbol's last price, to Redis, when it changed (at most every
+    ``interval_s``)."""
     task_status.started()
     published: dict[str, Decimal] = {}
     while True:
         for symbol, slot in slots.items():
+            if not owns(symbol):
+                published.pop(symbol, None)  # published again once owned again
+                continue
             price = slot.last_price
             if price is not None and published.get(symbol) != price:
                 await bus.set_price(symbol, price)

@@ -76,7 +76,7 @@ class Deployment:
                 ENGINE_LEASE_TTL_MS=str(LEASE_TTL_MS),
                 ENGINE_ID=name,
                 WS_HEARTBEAT_TIMEOUT_MS="3000",
-                **env,
+                **{"ENGINE_PARTITIONS": "1", **env},  # stage 2: one lease, a leader
             )
         )
         http = await self.stack.enter_async_context(
