@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -50,8 +50,9 @@ from tickguard.actors.engines import EngineDirectory
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.lease import LeaseState
-from tickguard.actors.mailbox import Mailbox
+from tickguard.actors.mailbox import ActorUnavailable, Mailbox, ask
 from tickguard.actors.messages import (
+    CloseRequest,
     Drop,
     FanoutMessage,
     FeedCommand,
@@ -77,6 +78,30 @@ LEASE_PARTITIONS = 1
 # How many recent windows an engine keeps for positions tracked late (EngineConfig).
 CATCH_UP_WINDOWS = 1024
 PRICE_INTERVAL_S = 0.25  # last prices are published at most this often
+DRAIN_TIMEOUT_S = 10.0  # one empty request through persistence, when partitions move
+
+
+class AcceptedTokens(Mapping[int, int]):
+    """The tokens a term acts on (its fence and its ``owns``): a partition held now (the
+    keeper's live view) under the token the term accepted when it started that partition's
+    engines. A partition lost disappears at once; one taken anew (another token) only once the
+    engines of its earlier holding are stopped and their last orders written (fenced)."""
+
+    def __init__(self, held: Mapping[int, int]) -> None:
+        self.held = held
+        self.accepted: dict[int, int] = {}
+
+    def __getitem__(self, partition: int) -> int:
+        token = self.held[partition]
+        if self.accepted.get(partition) != token:
+            raise KeyError(partition)
+        return token
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([p for p, t in self.held.items() if self.accepted.get(p) == t])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
 
 
 @attrs.define
@@ -97,9 +122,15 @@ class EngineRole:
     # The symbols this process owns now: its engines' and its pinned COINBASE_PRODUCTS.
     symbols: tuple[str, ...] = ()
 
+    tokens: AcceptedTokens = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = AcceptedTokens(self.lease.held)
+
     def owns(self, symbol: str) -> bool:
-        """Whether ``symbol``'s partition is held now (the keeper's live view)."""
-        return partition_of(symbol, self.partitions) in self.lease.held
+        """Whether this process judges ``symbol`` now: its partition is held, under the token
+        the term's engines of that partition were started with."""
+        return partition_of(symbol, self.partitions) in self.tokens
 
     def report(self) -> dict[str, Any]:
         held = dict(self.lease.held)
@@ -181,8 +212,9 @@ async def _term(
         owns=role.owns,
     )
     grace_s = settings.shutdown_grace_ms / 1000
-    # The keeper's live view: a batch is fenced by the tokens held when it is written.
-    fence = Fence(role.lease.held, role.partitions)
+    # A live view: a batch is fenced by the tokens held (and accepted) when it is written.
+    role.tokens.accepted.clear()
+    fence = Fence(role.tokens, role.partitions)
     # The follower starts first: what commits after its start reaches the engines through it,
     # what committed before is in the database when each engine loads (duplicates are ignored).
     to_intake, from_follower = trio.open_memory_channel[list[TailEvent]](math.inf)
@@ -267,7 +299,9 @@ async def _term(
     async with trio.open_nursery() as nursery:
         await nursery.start(term.run)
         lost = trio.Event()
-        ownership = _Ownership(role, engines, feed_box, settings.coinbase_products, db)
+        ownership = _Ownership(
+            role, engines, feed_box, persistence_box, settings.coinbase_products, db
+        )
 
         async def watch_lease() -> None:
             await ownership.follow()
@@ -293,6 +327,7 @@ class _Ownership:
         role: EngineRole,
         engines: EngineDirectory,
         feed_box: Mailbox[FeedCommand],
+        persistence_box: Mailbox[PersistenceRequest],
         products: tuple[str, ...],
         db: Database,
         *,
@@ -301,6 +336,7 @@ class _Ownership:
         self.role = role
         self.engines = engines
         self.feed_box = feed_box
+        self.persistence_box = persistence_box
         self.products = products
         self.db = db
         self.retry_s = retry_s
@@ -317,16 +353,25 @@ class _Ownership:
                 return
             lost = {p for p, t in self.current.items() if held.get(p) != t}
             gained = {p for p, t in held.items() if self.current.get(p) != t}
+            accepted = self.role.tokens.accepted
             if lost:
                 # A partition taken anew (another token) is lost and gained: its engines
                 # restart and load again, its symbols are recovered from the watermark.
+                for partition in lost:
+                    accepted.pop(partition, None)
                 stopped = self.of(list(self.engines.mailboxes), lost)
                 await self.engines.stop(sorted(stopped))
                 self.feed_box.send_nowait(Drop(frozenset(stopped | self.of(self.products, lost))))
                 log.info("engine partitions lost %s: stopped %s", sorted(lost), sorted(stopped))
+                if stopped:
+                    # What the stopped engines handed over is written (and fenced) before a
+                    # token of a new holding is accepted: an order of an earlier holding never
+                    # commits under a later one.
+                    await self.drain_persistence()
             if lost or gained:
                 self.feed_box.send_nowait(Pin(frozenset(self.of(self.products, held))))
             if gained:
+                accepted.update({p: held[p] for p in gained})
                 symbols = await self.open_symbols()
                 self.engines.start(sorted(self.of(symbols, gained)))
                 log.info("engine partitions gained %s", sorted(gained))
@@ -336,6 +381,22 @@ class _Ownership:
             )
             with trio.move_on_after(0.5):
                 await self.role.lease.wait_changed()
+
+    async def drain_persistence(self) -> None:
+        """Until every request queued before now has been handled: two empty requests in a
+        row (the second is in a later batch, so the first's whole batch is done)."""
+        for _ in range(2):
+            while True:
+                try:
+                    await ask(
+                        self.persistence_box,
+                        lambda reply: CloseRequest((), "engine", reply=reply),
+                        DRAIN_TIMEOUT_S,
+                    )
+                    break
+                except (ActorUnavailable, trio.TooSlowError) as exc:
+                    log.warning("engine ownership: persistence not drained (%r); again", exc)
+                    await trio.sleep(self.retry_s)
 
     async def open_symbols(self) -> list[str]:
         while True:
