@@ -16,7 +16,7 @@ from tickguard.actors import backoff, coinbase
 from tickguard.actors.feed import FeedConfig, run
 from tickguard.actors.feed_status import FeedStatus
 from tickguard.actors.mailbox import Mailbox, ask
-from tickguard.actors.messages import SubscribeOutcome, Unwatch, Watch
+from tickguard.actors.messages import Drop, Pin, SubscribeOutcome, Unwatch, Watch
 from tickguard.actors.window import WindowSlots
 from tickguard.sim import Simulator, open_simulator
 
@@ -513,3 +513,48 @@ async def test_malformed_status_messages_are_counted_and_change_nothing(autojump
         h.sim.set_trading("BTC-USD", online=True)
         await eventually(lambda: "BTC-USD" not in h.status.halted)
         assert h.state("BTC-USD") == "live"
+
+
+# ------------------------------------------------------------ sharded engines (issue 18)
+async def test_pin_replaces_the_always_subscribed_products(autojump_clock):
+    async with running_feed(linger_s=10.0) as h:
+        await h.mailbox.send(Pin(frozenset({"ETH-USD", "SOL-USD"})))
+        await eventually(
+            lambda: h.sim.subscribers("ETH-USD") == 1 and h.sim.subscribers("SOL-USD") == 1
+        )
+        await eventually(lambda: h.sim.subscribers("BTC-USD") == 0)  # no longer pinned
+        # Pinned products stay however long nothing watches them; an Unwatch changes nothing.
+        await h.mailbox.send(Unwatch("ETH-USD"))
+        await trio.sleep(30)
+        assert h.sim.subscribers("ETH-USD") == 1 and h.sim.subscribers("SOL-USD") == 1
+
+
+async def test_drop_unsubscribes_at_once_and_a_later_watch_recovers_from_the_watermark(
+    autojump_clock,
+):
+    recoveries = Mailbox("recovery")
+    async with running_feed(recoveries=recoveries, linger_s=60.0) as h:
+        await release_start_hold(h, recoveries)
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        await eventually(lambda: recoveries.pending() == 1)
+        eth = h.slots.get("ETH-USD")
+        eth.release(recoveries.receive_nowait().hold)
+        last_seen = h.sim.publish("ETH-USD", "3001")
+        await eventually(lambda: h.status.products["ETH-USD"].ticks == 2)
+        # Another engine owns ETH-USD now: unsubscribed without the 60 s linger, and
+        # nothing it trades meanwhile reaches the slot.
+        await h.mailbox.send(Drop(frozenset({"ETH-USD", "BTC-USD"})))
+        await eventually(
+            lambda: h.sim.subscribers("ETH-USD") == 0 and h.sim.subscribers("BTC-USD") == 0
+        )
+        while eth.take_nowait() is not None:
+            pass
+        h.sim.publish("ETH-USD", "2990")
+        h.sim.publish("ETH-USD", "2980")
+        # Owned again: the first ticker is a gap recovered from the durable watermark (the
+        # hold names no last trade), not from the trade this feed saw before the drop.
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        await eventually(lambda: recoveries.pending() == 1)
+        gap = recoveries.receive_nowait().hold
+        assert gap.symbol == "ETH-USD" and gap.after is None and gap.before == last_seen + 2
+        assert recoveries.pending() == 0
