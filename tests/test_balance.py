@@ -9,10 +9,15 @@ partitions per member and round.
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import trio
 
-from tickguard.actors.balance import fair_share
+from tickguard.actors import lease
+from tickguard.actors.balance import Balancer, fair_share
+from tickguard.storage import Database, leases, members
 
 
 def settle(
@@ -98,3 +103,69 @@ def test_a_member_below_its_floor_makes_the_others_give_up_their_extra() -> None
     b_held = {p for p, o in owners.items() if o == "b"}
     taken = {p: o for p, o in owners.items() if o != "b"}
     assert len(fair_share("b", ["a", "b", "c"], 64, b_held, taken)) == 21
+
+
+# --- on a real PostgreSQL: members, and keepers balancing through it ---
+
+
+@pytest.fixture
+async def bdb(db: Database) -> AsyncIterator[Database]:
+    await db.execute("TRUNCATE engine_leases, engine_members")
+    yield db
+
+
+async def test_survey_announces_counts_live_members_and_names_what_others_hold(
+    bdb: Database,
+) -> None:
+    assert await leases.acquire(bdb, [1, 2], "b", 60_000) == {1: 1, 2: 1}
+    await members.survey(bdb, "b", 60_000, 4)
+    seen = await members.survey(bdb, "a", 60_000, 4)
+    assert seen.members == ("a", "b") and dict(seen.taken) == {1: "b", 2: "b"}
+    # Its own leases are not "taken"; a member that stopped renewing drops out.
+    assert dict((await members.survey(bdb, "b", 1, 4)).taken) == {}
+    await trio.sleep(0.05)
+    assert (await members.survey(bdb, "a", 60_000, 4)).members == ("a",)
+    await members.withdraw(bdb, "a")
+    assert (await members.survey(bdb, "c", 60_000, 4)).members == ("c",)
+
+
+async def test_keepers_with_balancers_split_evenly_and_take_all_back_when_one_leaves(
+    bdb: Database,
+) -> None:
+    ttl_ms = 900
+
+    def keeper(owner: str) -> tuple[lease.LeaseConfig, lease.LeaseState]:
+        config = lease.LeaseConfig(
+            owner=owner,
+            partitions=8,
+            ttl_ms=ttl_ms,
+            balancer=Balancer(bdb, owner, 8, ttl_ms, moves=2),
+        )
+        return config, lease.LeaseState()
+
+    async def until(condition: Any) -> None:
+        with trio.fail_after(30):  # a hang guard, not a speed bound
+            while not condition():  # noqa: ASYNC110 (the keepers signal nobody)
+                await trio.sleep(0.05)
+
+    a_config, a = keeper("a")
+    b_config, b = keeper("b")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lease.run, bdb, a_config, a)
+        await until(lambda: len(a.held) == 8)
+        b_scope = trio.CancelScope()
+        nursery.start_soon(_run_keeper, bdb, b_config, b, b_scope)
+        await until(lambda: len(a.held) == 4 and len(b.held) == 4)
+        assert set(a.held).isdisjoint(b.held)
+        owners = await leases.owners(bdb)
+        assert sorted(o for o, _, _ in owners.values()) == ["a"] * 4 + ["b"] * 4
+        b_scope.cancel()  # a graceful stop: b releases and leaves at once
+        await until(lambda: len(a.held) == 8)
+        nursery.cancel_scope.cancel()
+
+
+async def _run_keeper(
+    db: Database, config: lease.LeaseConfig, state: lease.LeaseState, scope: trio.CancelScope
+) -> None:
+    with scope:
+        await lease.run(db, config, state)
