@@ -36,7 +36,10 @@ RELEASE_TIMEOUT_S = 2.0
 
 class PartitionPlanner(Protocol):
     """Decides, once per keeper round, which partitions this process should hold (issue 18's
-    balancer, ``actors.balance.Balancer``). Both calls may raise ``DatabaseUnavailable``."""
+    balancer, ``actors.balance.Balancer``). Both calls may raise ``DatabaseUnavailable``;
+    ``members_seen`` is how many live engines the last plan counted."""
+
+    members_seen: int
 
     async def plan(self, held: Collection[int], *, timeout: float | None = None) -> list[int]: ...
 
@@ -67,6 +70,7 @@ class LeaseStats:
     lost: int = 0
     renew_failures: int = 0
     held: dict[int, int] = attrs.field(factory=dict)
+    members: int | None = None  # live engines the balancer counted (None: no balancer)
 
 
 class LeaseState:
@@ -145,6 +149,7 @@ class _Keeper:
                 planned: Sequence[int] = await self.config.balancer.plan(
                     list(self.held), timeout=self.timeout_s
                 )
+                self.stats.members = self.config.balancer.members_seen
             except DatabaseUnavailable as exc:
                 log.warning("lease balancing skipped (keeping what is held): %s", exc)
                 planned = list(self.held)

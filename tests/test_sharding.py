@@ -124,9 +124,11 @@ async def test_two_then_three_engines_own_each_symbol_exactly_once(
         three = await settled(d, alive(d))
         assert sorted(len(e["partitions"]) for e in three.values()) == [2, 3, 3]
         assert all(e["members"] == 3 for e in three.values())
-        # Every product's last price is published once owned (the api reads it from Redis).
+        # /metrics says the same: its share, and the members it counts.
         metrics = (await d.nodes["engine-c"].http.get("/metrics")).text
-        assert "tickguard_engine_lease_partitions_held" in metrics
+        held = len(three["engine-c"]["partitions"])
+        assert f"tickguard_engine_lease_partitions_held {float(held)}" in metrics
+        assert "tickguard_engine_members 3.0" in metrics
 
 
 async def test_kill_9_of_an_owner_while_its_stops_are_crossed_closes_each_once(

@@ -209,7 +209,7 @@ def _persistence(stats: PersistenceStats) -> Iterator[Metric]:
 def _lease(stats: LeaseStats) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "tickguard_engine_lease_partitions_held",
-        "Engine lease partitions this process holds now (1 = the leader, with one lease).",
+        "Engine lease partitions this process holds now (its share; 1 = the leader, with one).",
         value=len(stats.held),
     )
     yield _by_label(
@@ -223,6 +223,12 @@ def _lease(stats: LeaseStats) -> Iterator[Metric]:
         "Lease renewals that failed (database away or too slow).",
         value=stats.renew_failures,
     )
+    if stats.members is not None:
+        yield GaugeMetricFamily(
+            "tickguard_engine_members",
+            "Live engine processes the balancer counted at its last survey (issue 18).",
+            value=stats.members,
+        )
 
 
 def _followers(followers: Mapping[str, FollowerStats]) -> Iterator[Metric]:
