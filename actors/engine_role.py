@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -81,29 +81,6 @@ PRICE_INTERVAL_S = 0.25  # last prices are published at most this often
 DRAIN_TIMEOUT_S = 10.0  # one empty request through persistence, when partitions move
 
 
-class AcceptedTokens(Mapping[int, int]):
-    """The tokens a term acts on (its fence and its ``owns``): a partition held now (the
-    keeper's live view) under the token the term accepted when it started that partition's
-    engines. A partition lost disappears at once; one taken anew (another token) only once the
-    engines of its earlier holding are stopped and their last orders written (fenced)."""
-
-    def __init__(self, held: Mapping[int, int]) -> None:
-        self.held = held
-        self.accepted: dict[int, int] = {}
-
-    def __getitem__(self, partition: int) -> int:
-        token = self.held[partition]
-        if self.accepted.get(partition) != token:
-            raise KeyError(partition)
-        return token
-
-    def __iter__(self) -> Iterator[int]:
-        return iter([p for p, t in self.held.items() if self.accepted.get(p) == t])
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
-
-
 @attrs.define
 class EngineRole:
     """What outlives the terms: counters and states /ready and /metrics read."""
@@ -122,14 +99,13 @@ class EngineRole:
     # The symbols this process owns now: its engines' and its pinned COINBASE_PRODUCTS.
     symbols: tuple[str, ...] = ()
 
-    tokens: AcceptedTokens = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.tokens = AcceptedTokens(self.lease.held)
+    # The tokens the current term acts on (its fence, and ``owns``): partition -> the token
+    # its engines were started under. Kept by the term's ownership task, which follows the
+    # keeper's ``held``; the database's fence check covers the moment it takes to follow.
+    tokens: dict[int, int] = attrs.field(factory=dict)
 
     def owns(self, symbol: str) -> bool:
-        """Whether this process judges ``symbol`` now: its partition is held, under the token
-        the term's engines of that partition were started with."""
+        """Whether this process judges ``symbol`` now (its partition's engines run here)."""
         return partition_of(symbol, self.partitions) in self.tokens
 
     def report(self) -> dict[str, Any]:
@@ -212,8 +188,8 @@ async def _term(
         owns=role.owns,
     )
     grace_s = settings.shutdown_grace_ms / 1000
-    # A live view: a batch is fenced by the tokens held (and accepted) when it is written.
-    role.tokens.accepted.clear()
+    # A live view: a batch is fenced by the tokens the term acts on when it is written.
+    role.tokens.clear()
     fence = Fence(role.tokens, role.partitions)
     # The follower starts first: what commits after its start reaches the engines through it,
     # what committed before is in the database when each engine loads (duplicates are ignored).
@@ -349,11 +325,12 @@ class _Ownership:
         """Until nothing is held: on every change, stop what was lost, start what was gained."""
         while True:
             held = dict(self.role.lease.held)
+            accepted = self.role.tokens
             if not held:
+                accepted.clear()
                 return
             lost = {p for p, t in self.current.items() if held.get(p) != t}
             gained = {p for p, t in held.items() if self.current.get(p) != t}
-            accepted = self.role.tokens.accepted
             if lost:
                 # A partition taken anew (another token) is lost and gained: its engines
                 # restart and load again, its symbols are recovered from the watermark.
