@@ -62,6 +62,7 @@ from tickguard.config import Settings
 from tickguard.storage import Database, runtime, watermarks
 from tickguard.storage.embedded import EmbeddedPostgres, watch_server
 from tickguard.storage.outage import quiet_outages
+from tickguard.storage.tail import LogTail
 
 log = logging.getLogger("tickguard")
 
@@ -333,6 +334,7 @@ def _split_children(
                     functools.partial(_to_fanout, fanout_box),
                     wakeups=bus.wakeups(notifier.EVENTS_TOPIC),
                     stats=follower_stats,
+                    tail=LogTail(),  # a restarted follower goes on from where it was
                 ),
             ),
         ]

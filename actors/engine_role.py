@@ -53,7 +53,7 @@ from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
 from tickguard.storage import Database, DatabaseUnavailable, watermarks, writes
 from tickguard.storage.bus import Bus
-from tickguard.storage.tail import TailEvent
+from tickguard.storage.tail import LogTail, TailEvent
 from tickguard.storage.writes import Fence
 
 log = logging.getLogger("tickguard.actors.engine_role")
@@ -174,6 +174,7 @@ async def _term(
                 to_intake.send_nowait,
                 wakeups=bus.wakeups(notifier.EVENTS_TOPIC),
                 stats=role.follower_stats,
+                tail=LogTail(),  # a restarted follower goes on from where it was
             ),
         ),
         ChildSpec("intake", functools.partial(_intake, engines, db, from_follower)),
