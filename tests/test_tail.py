@@ -264,7 +264,7 @@ async def test_migration_007_gives_existing_events_a_tx_and_a_later_tail_skips_t
         async with open_database(url) as old:
             await migrate(old, [m for m in bundled_migrations() if m.version < 7])
             before = await _create(old, n=3)
-            assert await migrate(old) == [7]
+            assert (await migrate(old))[0] == 7  # then any later ones
             assert await old.fetchval("SELECT count(*) FROM events WHERE tx IS NULL") == 0
             tail = LogTail()
             await tail.start(old)
