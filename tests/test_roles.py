@@ -148,13 +148,17 @@ async def test_creates_through_two_api_processes_reach_a_gateway_session_once_ea
             ("api-1", "api"),
             ("api-2", "api"),
             ("gateway", "gateway"),
+            ("gateway-2", "gateway"),
         )
         await d.leader()
         gateway, apis = d.nodes["gateway"], [d.nodes["api-1"], d.nodes["api-2"]]
         # Each process answers its own roles' routes only.
         assert (await gateway.http.get("/api/positions", params={"userId": "a"})).status_code == 404
         assert "gateway" not in (await apis[0].ready())["roles"]
-        async with event_stream(gateway, "alice") as stream:  # type: ignore[arg-type]
+        async with (
+            event_stream(gateway, "alice") as stream,  # type: ignore[arg-type]
+            event_stream(d.nodes["gateway-2"], "alice") as other,  # type: ignore[arg-type]
+        ):
             ids: list[str] = []
 
             async def create(i: int) -> None:
@@ -172,9 +176,13 @@ async def test_creates_through_two_api_processes_reach_a_gateway_session_once_ea
             assert closed.status_code == 200, closed.text
             created = await stream.wait_for("position.created", 20, timeout=30)
             await stream.wait_for("position.closed", 1, timeout=30)
+            await other.wait_for("position.closed", 1, timeout=30)
         assert sorted(m["position"]["id"] for m in created) == sorted(ids)
-        seqs = [m["seq"] for m in stream.messages if "seq" in m and m["type"] != "connection.ready"]
-        assert seqs == list(range(1, 22))  # gap-free, no duplicate, in order
+        # On each gateway: gap-free, no duplicate, in order, and the same messages.
+        for session in (stream, other):
+            seqs = [m["seq"] for m in session.messages if m["type"].startswith("position.")]
+            assert seqs == list(range(1, 22))
+        assert stream.messages[1:] == other.messages[1:]
         # An omitted entryPrice takes the price the engine published (the simulator's).
         body = long_with_stop("bob", "60000")
         del body["entryPrice"]
