@@ -187,9 +187,12 @@ class Role:
     def pid(self) -> int:
         return self.server.process.pid
 
+    def cpu_by_process(self) -> dict[int, float]:
+        """CPU time so far of the process and of each live descendant (the workers)."""
+        return {pid: _cpu_seconds(pid) for pid in [self.pid, *_children(self.pid)]}
+
     def cpu_seconds(self) -> float:
-        """CPU time of the process and its live descendants (the workers) so far."""
-        return sum(_cpu_seconds(pid) for pid in [self.pid, *_children(self.pid)])
+        return sum(self.cpu_by_process().values())
 
 
 @attrs.define
@@ -338,7 +341,7 @@ async def rest_rounds(
         for n in range(rounds):
             order = (one, two) if n % 2 == 0 else (two, one)
             plan: list[tuple[str, Any, str, Path | None, tuple[str, ...]]] = [
-                ("bare", bare, BARE_PATH, None, ())
+                ("bare", Role("bare", bare), BARE_PATH, None, ())
             ]
             for route, script, args in (
                 ("post", post, ("{tag}",)),
@@ -352,16 +355,40 @@ async def rest_rounds(
                 if warmup:
                     tags = tuple(a.replace("{tag}", f"warm{n}-{key}") for a in args)
                     await wrk(url, warmup, script, *tags)
-                tags = tuple(a.replace("{tag}", f"run{n}-{key}") for a in args)
-                cpu_before = [target.cpu_seconds()] + [r.cpu_seconds() for r in others]
+                tag = f"run{n}-{key}"
+                tags = tuple(a.replace("{tag}", tag) for a in args)
+                by_pid = target.cpu_by_process()
+                cpu_before = [sum(by_pid.values())] + [r.cpu_seconds() for r in others]
                 result = await wrk(url, seconds, script, *tags)
-                cpu_after = [target.cpu_seconds()] + [r.cpu_seconds() for r in others]
+                by_pid_after = target.cpu_by_process()
+                cpu_after = [sum(by_pid_after.values())] + [r.cpu_seconds() for r in others]
+                # Per process (the parent first): a worker restarted meanwhile shows as new.
+                result["cpu_s_by_process"] = [
+                    round(after - by_pid.get(pid, 0.0), 3) for pid, after in by_pid_after.items()
+                ]
                 used = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
-                result["round"] = n
+                result["round"], result["tag"] = n, tag
                 result["server_cpu_ms"] = 1000 * used[0] / max(1, result["requests"])
                 result["engine_cpu_s"], result["gateway_cpu_s"] = used[1], used[2]
                 out["runs"].setdefault(key, []).append(result)
     return out
+
+
+async def count_transactions(url: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Adds to each POST run the creates it made and the transactions they committed in (the
+    event log's ``tx`` of their ``position.created`` events): how far group commit grouped
+    them in each api process."""
+    async with open_database(url) as db:
+        for key in ("post_1", "post_2"):
+            for result in runs[key]:
+                pattern = f"w%-{result['tag']}-%".replace("_", "\\_")  # LIKE's default escape
+                row = await db.fetchrow(
+                    "SELECT count(*) AS creates, count(DISTINCT tx) AS transactions FROM events "
+                    "WHERE user_id LIKE $1",
+                    pattern,
+                )
+                result["creates"], result["transactions"] = row["creates"], row["transactions"]
+                result["creates_per_transaction"] = row["creates"] / max(1, row["transactions"])
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:
@@ -387,6 +414,10 @@ def summarise_rest(raw: dict[str, Any]) -> dict[str, Any]:
             "gateway_cpu_s": _spread([r["gateway_cpu_s"] for r in rs]),
             "load_average": _spread([r["load_average"] for r in rs]),
         }
+    for key in ("post_1", "post_2"):
+        summary[key]["creates_per_transaction"] = _spread(
+            [r["creates_per_transaction"] for r in runs[key]]
+        )
     for route in ("post", "get"):
         ratios = [
             two["rps"] / one["rps"]
@@ -628,6 +659,7 @@ async def measure_rest_and_latency(
         out["rest"] = await rest_rounds(
             d, seconds=size.rest_seconds, warmup=size.warmup, rounds=size.rounds, scripts=scripts
         )
+        await count_transactions(url, out["rest"]["runs"])
         out["latency"] = await event_latency(
             d, "latency-redis", rate=size.latency_rate, seconds=size.latency_seconds, price=PRICE
         )
@@ -763,6 +795,15 @@ def rest_figures(summary: dict[str, Any], rounds: int) -> list[Figure]:
                     "s",
                 ),
             ]
+            if route == "post":
+                per = s["creates_per_transaction"]
+                figures.append(
+                    Figure(
+                        f"  creates per committed transaction {_range(per, '.1f')}",
+                        per["median"],
+                        "",
+                    )
+                )
         ratio = summary[f"{route}_ratio"]
         figures.append(
             Figure(
