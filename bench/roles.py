@@ -452,9 +452,11 @@ async def event_latency(
         "entryPrice": str(price),
         "stopLoss": str(price / 2),
     }
+    horizon: list[tuple[float, float, str]] = []  # (perf_counter, age s, database)
     async with (
         trio_websocket.open_websocket_url(ws_url) as ws,
         httpx.AsyncClient(base_url=api.base_url, timeout=30) as http,
+        open_database(d.database_url) as db,
     ):
         while loads(await ws.get_message()).get("type") != "connection.ready":
             pass
@@ -476,8 +478,21 @@ async def event_latency(
                 return
             sent[loads(response.content)["data"]["id"]] = (started, answered)
 
+        async def watch_horizon() -> None:
+            # The log tail reads only below the cluster's oldest running writer (xmin): a
+            # writing transaction of anyone on this PostgreSQL server holds every event back.
+            while True:
+                row = await db.fetchrow(
+                    "SELECT coalesce(extract(epoch FROM max(now() - xact_start)), 0) AS age, "
+                    "(array_agg(datname ORDER BY xact_start))[1] AS datname "
+                    "FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+                )
+                horizon.append((time.perf_counter(), float(row["age"]), row["datname"] or ""))
+                await trio.sleep(0.1)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive)
+            nursery.start_soon(watch_horizon)
             async with trio.open_nursery() as posting:
                 t0 = trio.current_time()
                 for i in range(count):
@@ -502,6 +517,10 @@ async def event_latency(
         "samples": {
             i: {"sent": s, "answered": a, "event": received[i]} for i, (s, a) in sent.items()
         },
+        # Sampled every 0.1 s: the age of the cluster's oldest writing transaction.
+        "oldest_writer_max_s": max((age for _, age, _ in horizon), default=0.0),
+        "oldest_writer_database": max(horizon, key=lambda h: h[1], default=(0, 0, ""))[2],
+        "oldest_writer": horizon,
     }
 
 
@@ -837,6 +856,13 @@ def latency_figures(raw: dict[str, Any]) -> list[Figure]:
                 Figure("    max", dist["max_ms"], "ms"),
             ]
         figures.append(Figure("  events received before their 201", result["event_before_201"], ""))
+        figures.append(
+            Figure(
+                "  oldest writing transaction on the cluster (max, sampled 0.1 s)",
+                result["oldest_writer_max_s"] * 1000,
+                "ms",
+            )
+        )
     return figures
 
 
