@@ -33,13 +33,13 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import attrs
 import trio
 
-from tickguard.actors import engine, fanout, feed, persistence, products, recovery
+from tickguard.actors import children as children_specs
+from tickguard.actors import fanout, persistence, products, recovery
 from tickguard.actors.engines import EngineDirectory
 from tickguard.actors.faults import FaultPoints
 from tickguard.actors.feed_status import FeedStatus
@@ -59,9 +59,10 @@ from tickguard.actors.supervision import (
 )
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, runtime, watermarks
+from tickguard.storage import Database, runtime
 from tickguard.storage.embedded import EmbeddedPostgres, watch_server
 from tickguard.storage.outage import quiet_outages
+from tickguard.storage.tail import LogTail
 
 log = logging.getLogger("tickguard")
 
@@ -122,9 +123,7 @@ def build_tree(
         slots,
         persistence_box,
         feed_box,
-        engine_config=engine.EngineConfig(
-            gap_fill="trade" if settings.gap_fill == "trade" else "level"
-        ),
+        engine_config=children_specs.engine_config(settings),
         faults=faults,
     )
     app = create_app(
@@ -145,71 +144,27 @@ def build_tree(
     grace_s = settings.shutdown_grace_ms / 1000
     urls: list[str] = []
     children = [
-        ChildSpec(
-            "persistence",
-            functools.partial(
-                persistence.run,
-                persistence_box,
-                db,
-                fanout_box,
-                engines,
-                config=persistence.PersistenceConfig(
-                    max_open_per_user=settings.max_open_positions_per_user,
-                    event_retention=(
-                        timedelta(days=settings.event_retention_days)
-                        if settings.event_retention_days > 0
-                        else None
-                    ),
-                ),
-                stats=persistence_stats,
-                faults=faults,
-            ),
-            mailboxes=(persistence_box,),
-            graceful=True,
-            grace_s=grace_s,
+        children_specs.persistence_spec(
+            settings,
+            db,
+            persistence_box,
+            fanout_box,
+            engines,
+            stats=persistence_stats,
+            faults=faults,
         ),
         ChildSpec(
             "fanout",
             functools.partial(fanout.run, fanout_box, config=fanout_config, faults=faults),
             mailboxes=(fanout_box,),
         ),
-        ChildSpec(
-            "feed",
-            functools.partial(
-                feed.run,
-                feed.config_from(settings),
-                slots,
-                feed_box,
-                feed_status,
-                faults=faults,
-                recoveries=recovery_box,
-            ),
-            mailboxes=(feed_box,),
+        children_specs.feed_spec(
+            settings, slots, feed_box, feed_status, recovery_box, faults=faults
         ),
-        ChildSpec(
-            "recovery",
-            functools.partial(
-                recovery.run,
-                attrs.evolve(
-                    recovery_config or recovery.RecoveryConfig(),
-                    rest_url=settings.coinbase_rest_url,
-                    max_gap_s=float(settings.recovery_max_gap_s),
-                ),
-                recovery_box,
-                slots,
-                functools.partial(watermarks.read, db),
-                stats=recovery_stats,
-            ),
-            mailboxes=(recovery_box,),
+        children_specs.recovery_spec(
+            settings, db, recovery_box, slots, stats=recovery_stats, config=recovery_config
         ),
-        ChildSpec(
-            "products",
-            functools.partial(
-                products.run,
-                products.CatalogConfig(settings.coinbase_rest_url, settings.products_refresh_s),
-                catalog,
-            ),
-        ),
+        children_specs.products_spec(settings, catalog),
         ChildSpec("engines", engines.supervisor.run, graceful=True, grace_s=grace_s),
         ChildSpec(
             "web",
@@ -281,34 +236,17 @@ def _split_children(
         persistence_stats = persistence.PersistenceStats()
         catalog = products.ProductCatalog()
         children += [
-            ChildSpec(
-                "persistence",
-                functools.partial(
-                    persistence.run,
-                    persistence_box,
-                    db,
-                    notify_box,
-                    _EnginesElsewhere(),
-                    config=persistence.PersistenceConfig(
-                        max_open_per_user=settings.max_open_positions_per_user,
-                        event_retention=_retention(settings),
-                    ),
-                    stats=persistence_stats,
-                    faults=faults,
-                ),
-                mailboxes=(persistence_box,),
-                graceful=True,
-                grace_s=grace_s,
+            children_specs.persistence_spec(
+                settings,
+                db,
+                persistence_box,
+                notify_box,
+                _EnginesElsewhere(),
+                stats=persistence_stats,
+                faults=faults,
             ),
             ChildSpec("notifier", functools.partial(notifier.run, notify_box, bus)),
-            ChildSpec(
-                "products",
-                functools.partial(
-                    products.run,
-                    products.CatalogConfig(settings.coinbase_rest_url, settings.products_refresh_s),
-                    catalog,
-                ),
-            ),
+            children_specs.products_spec(settings, catalog),
         ]
         parts.update(
             persistence=persistence_box,
@@ -333,6 +271,7 @@ def _split_children(
                     functools.partial(_to_fanout, fanout_box),
                     wakeups=bus.wakeups(notifier.EVENTS_TOPIC),
                     stats=follower_stats,
+                    tail=LogTail(),  # a restarted follower goes on from where it was
                 ),
             ),
         ]
@@ -401,11 +340,6 @@ def _to_fanout(fanout_box: Mailbox[FanoutMessage], batch: list[Any]) -> None:
         fanout_box.send_nowait(
             Event(event.id, event.user_id, event.seq, event.type, event.message, event.position_id)
         )
-
-
-def _retention(settings: Settings) -> timedelta | None:
-    days = settings.event_retention_days
-    return timedelta(days=days) if days > 0 else None
 
 
 # The order a split process stops in: stop accepting, hand the lease over after the engines

@@ -44,7 +44,8 @@ from typing import Any
 import attrs
 import trio
 
-from tickguard.actors import engine, feed, follower, notifier, persistence, recovery
+from tickguard.actors import children as children_specs
+from tickguard.actors import engine, follower, notifier, persistence, recovery
 from tickguard.actors.balance import Balancer
 from tickguard.actors.engines import EngineDirectory
 from tickguard.actors.faults import FaultPoints
@@ -66,9 +67,9 @@ from tickguard.actors.partitions import partition_of
 from tickguard.actors.supervision import ChildSpec, RestartPolicy, Supervisor
 from tickguard.actors.window import WindowSlots
 from tickguard.config import Settings
-from tickguard.storage import Database, DatabaseUnavailable, loading, watermarks, writes
+from tickguard.storage import Database, DatabaseUnavailable, loading, writes
 from tickguard.storage.bus import Bus
-from tickguard.storage.tail import TailEvent
+from tickguard.storage.tail import LogTail, TailEvent
 from tickguard.storage.writes import Fence
 
 log = logging.getLogger("tickguard.actors.engine_role")
@@ -179,10 +180,7 @@ async def _term(
         slots,
         persistence_box,
         feed_box,
-        engine_config=engine.EngineConfig(
-            gap_fill="trade" if settings.gap_fill == "trade" else "level",
-            catch_up_windows=CATCH_UP_WINDOWS,
-        ),
+        engine_config=children_specs.engine_config(settings, catch_up_windows=CATCH_UP_WINDOWS),
         faults=faults,
         stats=role.engine_stats,
         owns=role.owns,
@@ -203,57 +201,38 @@ async def _term(
                 to_intake.send_nowait,
                 wakeups=bus.wakeups(notifier.EVENTS_TOPIC),
                 stats=role.follower_stats,
+                tail=LogTail(),  # a restarted follower goes on from where it was
             ),
         ),
         ChildSpec("intake", functools.partial(_intake, engines, db, from_follower)),
-        ChildSpec(
-            "persistence",
-            functools.partial(
-                persistence.run,
-                persistence_box,
-                db,
-                notify_box,
-                engines,
-                config=persistence.PersistenceConfig(
-                    max_open_per_user=settings.max_open_positions_per_user, fence=fence
-                ),
-                stats=role.persistence_stats,
-                faults=faults,
-            ),
-            mailboxes=(persistence_box,),
-            graceful=True,
-            grace_s=grace_s,
+        children_specs.persistence_spec(
+            settings,
+            db,
+            persistence_box,
+            notify_box,
+            engines,
+            stats=role.persistence_stats,
+            faults=faults,
+            fence=fence,
+            prune=False,  # the api processes keep the log bounded
         ),
         ChildSpec("notifier", functools.partial(notifier.run, notify_box, bus)),
-        ChildSpec(
-            "feed",
-            functools.partial(
-                feed.run,
-                # Nothing is always subscribed: the owned partitions' products are pinned.
-                attrs.evolve(feed.config_from(settings), products=()),
-                slots,
-                feed_box,
-                role.feed_status,
-                faults=faults,
-                recoveries=recovery_box,
-            ),
-            mailboxes=(feed_box,),
+        children_specs.feed_spec(
+            settings,
+            slots,
+            feed_box,
+            role.feed_status,
+            recovery_box,
+            faults=faults,
+            always=(),  # nothing always subscribed: the owned partitions' products are pinned
         ),
-        ChildSpec(
-            "recovery",
-            functools.partial(
-                recovery.run,
-                attrs.evolve(
-                    recovery_config or recovery.RecoveryConfig(),
-                    rest_url=settings.coinbase_rest_url,
-                    max_gap_s=float(settings.recovery_max_gap_s),
-                ),
-                recovery_box,
-                slots,
-                functools.partial(watermarks.read, db),
-                stats=role.recovery_stats,
-            ),
-            mailboxes=(recovery_box,),
+        children_specs.recovery_spec(
+            settings,
+            db,
+            recovery_box,
+            slots,
+            stats=role.recovery_stats,
+            config=recovery_config,
         ),
         ChildSpec("engines", engines.supervisor.run, graceful=True, grace_s=grace_s),
         ChildSpec("prices", functools.partial(_publish_prices, slots, bus, role.owns)),

@@ -65,9 +65,14 @@ async def run(
     poll_s: float = 0.5,
     stats: FollowerStats | None = None,
     limit: int = DEFAULT_LIMIT,
+    tail: LogTail | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Follow the event log until cancelled.
+
+    ``tail``, kept by the caller across restarts, makes a restarted follower go on from where
+    the crashed one was (started once, never again): no event committed in between is lost.
+    Without it each run starts a new tail.
 
     Starts the tail (events committed before that are not delivered) and only then reports
     started: a caller that loads its state after ``nursery.start`` misses nothing, and drops
@@ -85,9 +90,9 @@ async def run(
     """
     stats = stats if stats is not None else FollowerStats()
     stats.starts += 1
-    tail = LogTail()
+    tail = tail if tail is not None else LogTail()
     outage = _Outage(stats)
-    while True:
+    while not tail.started:
         try:
             await tail.start(db)
             break

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "rest": "bench.rest",
     "startup": "bench.startup",
     "fanout": "bench.fanout",
+    "roles": "bench.roles",
 }
 
 

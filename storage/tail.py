@@ -124,6 +124,10 @@ class LogTail:
         self._early: set[tuple[int, int]] = set()
 
     @property
+    def started(self) -> bool:
+        return self._cursor is not None
+
+    @property
     def boundary(self) -> int | None:
         """Every event with ``tx`` below this was returned (or committed before ``start``)."""
         return None if self._cursor is None or self._upto is not None else self._cursor[0]

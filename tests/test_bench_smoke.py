@@ -1,10 +1,13 @@
 """The benchmark entry point keeps working: ``python -m bench --quick --only engine`` runs,
-prints its table and writes a result file with the run's context. Sizes are tiny and nothing
-is timed; the figures themselves are BENCHMARKS.md's business."""
+prints its table and writes a result file with the run's context; ``bench.roles`` runs every
+part at its smoke size. Sizes are tiny and nothing is timed; the figures themselves are
+BENCHMARKS.md's business."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +85,43 @@ def test_percentiles_are_nearest_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     assert percentile([1, 2, 3, 4], 50) == 2
     summary = distribution_ms([0.001, 0.002, 0.010])
     assert summary["max_ms"] == 10.0 and summary["p50_ms"] == 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_roles_benchmark_runs_every_part_at_smoke_size(database_url: str, tmp_path: Path) -> None:
+    """``bench.roles`` end to end at ``BENCH_ROLES_SMOKE`` sizes (~30 s): every role process
+    starts (api with ``--workers 2`` included), every wrk run answers, every create's event
+    reaches the gateway session with Redis and without, and the standby takes over and closes
+    the crossed stops. Only counts are checked; the figures are BENCHMARKS.md's business."""
+    for tool in ("wrk", "redis-server"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "roles"]
+        + ["--json-dir", str(tmp_path / "results"), "--plots-dir", str(tmp_path / "plots")]
+        # Any server the session may create databases on; its durability is not the point.
+        + ["--database-url", database_url, "--allow-weak-durability"],
+        cwd=REPO,
+        env={**os.environ, "BENCH_ROLES_SMOKE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== roles" in done.stdout
+    result = json.loads((tmp_path / "results" / "roles.json").read_text())
+    runs = result["data"]["rest"]["runs"]
+    assert sorted(runs) == ["bare", "get_1", "get_2", "post_1", "post_2"]
+    for key, rounds in runs.items():
+        assert len(rounds) == 1 and rounds[0]["requests"] > 0, key
+        assert rounds[0]["non_2xx"] == 0 and rounds[0]["socket_errors"] == 0, key
+    for key in ("latency", "latency_no_redis"):
+        latency = result["data"][key]
+        assert latency["creates"] == 20
+        assert latency["from_post_sent"]["count"] == latency["from_201"]["count"] == 20
+    [takeover] = result["data"]["takeover"]
+    assert takeover["killed"] != takeover["new_leader"]
+    assert takeover["positions"] == 3 and takeover["all_stop_loss"]
+    assert 0 < takeover["to_leader_s"] and 0 < takeover["to_closed_s"]

@@ -21,7 +21,7 @@ from tickguard.actors.follower import FollowerStats
 from tickguard.domain import NewPosition
 from tickguard.storage import Database, open_pool, writes
 from tickguard.storage.bus import BusTiming, open_bus
-from tickguard.storage.tail import TailEvent
+from tickguard.storage.tail import LogTail, TailEvent
 
 GUARD_S = 60.0
 HOURLY = 3600.0  # a poll that never comes within a test
@@ -170,3 +170,24 @@ async def test_a_restarted_follower_subscribes_again_with_the_same_wakeups(
             delivered += batches.ids
             assert stats.woken >= 2
         assert len(delivered) == 2
+
+
+async def test_a_restarted_follower_with_the_callers_tail_misses_nothing_committed_between(
+    db: Database,
+) -> None:
+    """The supervisor keeps one ``LogTail`` across restarts: what commits while no follower
+    runs is delivered by the next run (a new tail would start after it and never see it)."""
+    tail, delivered = LogTail(), Delivered()
+    written: list[int] = []
+    for run_number in range(2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(follower.run, db, delivered, poll_s=0.02, tail=tail))
+            if run_number == 0:
+                written += await _create(db)
+                await delivered.wait_for(written)
+            else:
+                await delivered.wait_for(written)  # including the one below
+            nursery.cancel_scope.cancel()
+        if run_number == 0:
+            written += await _create(db, "bob")  # between the runs
+    assert Counter(delivered.ids) == Counter(written)

@@ -12,6 +12,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from service_harness import event_stream
 from test_faults_process import Tickguard, tickguard_process
 
 from tickguard.sim import Simulator, open_simulator
-from tickguard.storage import open_database
+from tickguard.storage import Database, open_database
 from tickguard.wire import loads
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -85,6 +86,12 @@ class Deployment:
         node = self.nodes[name] = Node(process, http)
         return node
 
+    async def start_all(self, *nodes: tuple[str, str]) -> None:
+        """Start ``(name, role)`` processes side by side."""
+        async with trio.open_nursery() as nursery:
+            for name, role in nodes:
+                nursery.start_soon(self.start, name, role)
+
     async def leader(self) -> str:
         """The engine process that holds the lease (waits for one)."""
         found: list[str] = []
@@ -114,6 +121,14 @@ async def deployment(
         yield Deployment(database_url, redis_url, sim, logs, stack)
 
 
+async def _all_closed(db: Database, ids: list[str]) -> bool:
+    count = await db.fetchval(
+        "SELECT count(*) FROM positions WHERE id::text = ANY($1::text[]) AND status = 'closed'",
+        ids,
+    )
+    return int(count) == len(ids)
+
+
 async def _watching(node: Node, symbol: str = "BTC-USD") -> float:
     """The engine's open positions of ``symbol`` as its /metrics says (0 before it has any)."""
     text = (await node.http.get("/metrics")).text
@@ -128,20 +143,22 @@ async def test_creates_through_two_api_processes_reach_a_gateway_session_once_ea
     own_database: str, redis_url: str, tmp_path: Path
 ) -> None:
     async with deployment(own_database, redis_url, tmp_path) as d:
-        async with trio.open_nursery() as nursery:
-            for name, role in (
-                ("engine-a", "engine"),
-                ("api-1", "api"),
-                ("api-2", "api"),
-                ("gateway", "gateway"),
-            ):
-                nursery.start_soon(d.start, name, role)
+        await d.start_all(
+            ("engine-a", "engine"),
+            ("api-1", "api"),
+            ("api-2", "api"),
+            ("gateway", "gateway"),
+            ("gateway-2", "gateway"),
+        )
         await d.leader()
         gateway, apis = d.nodes["gateway"], [d.nodes["api-1"], d.nodes["api-2"]]
         # Each process answers its own roles' routes only.
         assert (await gateway.http.get("/api/positions", params={"userId": "a"})).status_code == 404
         assert "gateway" not in (await apis[0].ready())["roles"]
-        async with event_stream(gateway, "alice") as stream:  # type: ignore[arg-type]
+        async with (
+            event_stream(gateway, "alice") as stream,  # type: ignore[arg-type]
+            event_stream(d.nodes["gateway-2"], "alice") as other,  # type: ignore[arg-type]
+        ):
             ids: list[str] = []
 
             async def create(i: int) -> None:
@@ -159,9 +176,13 @@ async def test_creates_through_two_api_processes_reach_a_gateway_session_once_ea
             assert closed.status_code == 200, closed.text
             created = await stream.wait_for("position.created", 20, timeout=30)
             await stream.wait_for("position.closed", 1, timeout=30)
+            await other.wait_for("position.closed", 1, timeout=30)
         assert sorted(m["position"]["id"] for m in created) == sorted(ids)
-        seqs = [m["seq"] for m in stream.messages if "seq" in m and m["type"] != "connection.ready"]
-        assert seqs == list(range(1, 22))  # gap-free, no duplicate, in order
+        # On each gateway: gap-free, no duplicate, in order, and the same messages.
+        for session in (stream, other):
+            seqs = [m["seq"] for m in session.messages if m["type"].startswith("position.")]
+            assert seqs == list(range(1, 22))
+        assert stream.messages[1:] == other.messages[1:]
         # An omitted entryPrice takes the price the engine published (the simulator's).
         body = long_with_stop("bob", "60000")
         del body["entryPrice"]
@@ -181,9 +202,7 @@ async def test_kill_9_of_the_gateway_then_a_resume_by_since_loses_nothing(
     own_database: str, redis_url: str, tmp_path: Path
 ) -> None:
     async with deployment(own_database, redis_url, tmp_path) as d:
-        async with trio.open_nursery() as nursery:
-            for name, role in (("engine-a", "engine"), ("api", "api"), ("gateway", "gateway")):
-                nursery.start_soon(d.start, name, role)
+        await d.start_all(("engine-a", "engine"), ("api", "api"), ("gateway", "gateway"))
         api, gateway = d.nodes["api"], d.nodes["gateway"]
         async with event_stream(gateway, "carol") as stream:  # type: ignore[arg-type]
             for _ in range(5):
@@ -219,9 +238,7 @@ async def test_kill_9_of_the_engine_leader_while_stops_are_crossed_the_standby_c
         deployment(own_database, redis_url, tmp_path) as d,
         open_database(own_database) as db,
     ):
-        async with trio.open_nursery() as nursery:
-            for name, role in (("engine-a", "engine"), ("engine-b", "engine"), ("api", "api")):
-                nursery.start_soon(d.start, name, role)
+        await d.start_all(("engine-a", "engine"), ("engine-b", "engine"), ("api", "api"))
         leader = await d.leader()
         standby = "engine-b" if leader == "engine-a" else "engine-a"
         api = d.nodes["api"]
@@ -247,15 +264,7 @@ async def test_kill_9_of_the_engine_leader_while_stops_are_crossed_the_standby_c
                 d.nodes[leader].process.process.send_signal(signal.SIGKILL)
         d.sim.publish("BTC-USD", "63990")
 
-        async def all_closed() -> bool:
-            count = await db.fetchval(
-                "SELECT count(*) FROM positions WHERE id::text = ANY($1::text[]) "
-                "AND status = 'closed'",
-                triggered,
-            )
-            return int(count) == len(triggered)
-
-        await until(all_closed, timeout=60)
+        await until(partial(_all_closed, db, triggered), timeout=60)
         assert await d.leader() == standby
         result = await audit(db, triggered, untouched)
         result.assert_clean()
@@ -268,9 +277,7 @@ async def test_a_paused_leader_is_fenced_and_never_closes_twice(
         deployment(own_database, redis_url, tmp_path) as d,
         open_database(own_database) as db,
     ):
-        async with trio.open_nursery() as nursery:
-            for name, role in (("engine-a", "engine"), ("engine-b", "engine"), ("api", "api")):
-                nursery.start_soon(d.start, name, role)
+        await d.start_all(("engine-a", "engine"), ("engine-b", "engine"), ("api", "api"))
         leader = await d.leader()
         paused = d.nodes[leader]
         triggered = []
@@ -287,15 +294,7 @@ async def test_a_paused_leader_is_fenced_and_never_closes_twice(
             # The crossing reaches the paused leader's socket too; the standby takes over.
             d.sim.publish("BTC-USD", "63990")
 
-            async def all_closed() -> bool:
-                count = await db.fetchval(
-                    "SELECT count(*) FROM positions WHERE id::text = ANY($1::text[]) "
-                    "AND status = 'closed'",
-                    triggered,
-                )
-                return int(count) == len(triggered)
-
-            await until(all_closed, timeout=60)
+            await until(partial(_all_closed, db, triggered), timeout=60)
         finally:
             paused.process.process.send_signal(signal.SIGCONT)
         # Resumed, the old leader finds itself fenced: it drops to standby, closes nothing.
@@ -349,9 +348,7 @@ async def test_redis_restarted_mid_run_loses_nothing(
         deployment(own_database, own_redis.url, tmp_path) as d,
         open_database(own_database) as db,
     ):
-        async with trio.open_nursery() as nursery:
-            for name, role in (("engine-a", "engine"), ("api", "api"), ("gateway", "gateway")):
-                nursery.start_soon(d.start, name, role)
+        await d.start_all(("engine-a", "engine"), ("api", "api"), ("gateway", "gateway"))
         leader = d.nodes[await d.leader()]
         api, gateway = d.nodes["api"], d.nodes["gateway"]
         async with event_stream(gateway, "hana") as stream:  # type: ignore[arg-type]
@@ -390,9 +387,7 @@ async def test_a_stop_crossed_right_after_a_create_through_api_closes_it(
         deployment(own_database, redis_url, tmp_path) as d,
         open_database(own_database) as db,
     ):
-        async with trio.open_nursery() as nursery:
-            for name, role in (("engine-a", "engine"), ("api", "api")):
-                nursery.start_soon(d.start, name, role)
+        await d.start_all(("engine-a", "engine"), ("api", "api"))
         leader = d.nodes[await d.leader()]
         api = d.nodes["api"]
         # A position the engine already watches keeps the symbol subscribed and live.
@@ -411,15 +406,7 @@ async def test_a_stop_crossed_right_after_a_create_through_api_closes_it(
             d.sim.publish("BTC-USD", "64400")
             d.sim.publish("BTC-USD", "65000")
 
-        async def all_closed() -> bool:
-            count = await db.fetchval(
-                "SELECT count(*) FROM positions WHERE id::text = ANY($1::text[]) "
-                "AND status = 'closed'",
-                ids,
-            )
-            return int(count) == len(ids)
-
-        await until(all_closed, timeout=30)
+        await until(partial(_all_closed, db, ids), timeout=30)
         (await audit(db, ids)).assert_clean()
 
 

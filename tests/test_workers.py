@@ -188,15 +188,20 @@ async def test_a_worker_that_ignores_sigterm_is_killed_after_the_timeout(
     assert group.pids() == []
 
 
-def test_sigterm_to_the_parent_stops_every_worker_and_exits_0(tmp_path: Path) -> None:
-    port = free_port()
+def _parent_of_two(port: int, cwd: Path) -> subprocess.Popen[bytes]:
+    """A parent process running two workers of the stand-in server on ``port``."""
     driver = (
         "import functools, os, sys, trio\n"
         "from tickguard.workers import run_workers\n"
         f"command = {server_command(port)!r}\n"
         "sys.exit(trio.run(functools.partial(run_workers, command, 2, dict(os.environ))))\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path)
+    return subprocess.Popen([sys.executable, "-c", driver], cwd=cwd)
+
+
+def test_sigterm_to_the_parent_stops_every_worker_and_exits_0(tmp_path: Path) -> None:
+    port = free_port()
+    parent = _parent_of_two(port, tmp_path)
     try:
         answers = trio.run(functools.partial(pids_until, port, set(), distinct=2))
         children = set(answers)
@@ -216,13 +221,7 @@ def test_sigterm_to_the_parent_stops_every_worker_and_exits_0(tmp_path: Path) ->
 def test_a_parent_killed_by_sigkill_takes_its_workers_with_it(tmp_path: Path) -> None:
     """A worker must not outlive its parent holding the port (PR_SET_PDEATHSIG)."""
     port = free_port()
-    driver = (
-        "import functools, os, sys, trio\n"
-        "from tickguard.workers import run_workers\n"
-        f"command = {server_command(port)!r}\n"
-        "sys.exit(trio.run(functools.partial(run_workers, command, 2, dict(os.environ))))\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path)
+    parent = _parent_of_two(port, tmp_path)
     try:
         children = set(trio.run(functools.partial(pids_until, port, set(), distinct=2)))
         assert len(children) == 2
