@@ -14,12 +14,16 @@ import random
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trio
 from fault_helpers import audit, long_with_stop, seeds, until
+from redis_server import RedisServer
+from tcp_proxy import running_proxy
 from test_roles import LEASE_TTL_MS, Deployment, Node, _watching
 
 from tickguard.sim import open_simulator
@@ -43,12 +47,13 @@ async def sharded(database_url: str, redis_url: str, logs: Path) -> AsyncIterato
         yield Deployment(database_url, redis_url, sim, logs, stack)
 
 
-async def start(d: Deployment, name: str, role: str = "engine") -> Node:
+async def start(d: Deployment, name: str, role: str = "engine", **env: str) -> Node:
     return await d.start(
         name,
         role,
         ENGINE_PARTITIONS=str(PARTITIONS),
         COINBASE_PRODUCTS=",".join(SYMBOLS),
+        **env,
     )
 
 
@@ -269,5 +274,107 @@ async def test_a_random_schedule_of_joins_kills_and_pauses_closes_every_crossed_
 
         await until(all_closed, timeout=90)
         await settled(d, alive(d))
+        result = await audit(db, triggered, untouched)
+        result.assert_clean()
+
+
+async def test_an_owner_partitioned_from_postgresql_is_taken_over_and_rejoins_fenced(
+    own_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    """One engine reaches PostgreSQL through a test-owned proxy that is cut while its stops
+    are crossed: the other engine takes its partitions and closes each stop once; healed, the
+    old owner finds its leases gone and rejoins without a second close."""
+    parts = urlsplit(own_database)
+    if not parts.hostname or not parts.port:
+        pytest.skip("the database is not on TCP (embedded PostgreSQL): no proxy to cut")
+    async with (
+        running_proxy(parts.hostname, parts.port) as proxy,
+        sharded(own_database, redis_url, tmp_path) as d,
+        open_database(own_database) as db,
+    ):
+        proxied = urlunsplit(
+            parts._replace(netloc=parts.netloc.replace(f":{parts.port}", f":{proxy.port}"))
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(start, d, "engine-a", DATABASE_URL=proxied))
+            nursery.start_soon(start, d, "engine-b")
+            nursery.start_soon(start, d, "api", "api")
+        found = await settled(d, alive(d))
+        cut_off = d.nodes["engine-a"]
+        symbol = next(s for s in SYMBOLS if owner_of(found, s) == "engine-a")
+        triggered = await create_stops(d.nodes["api"], "oda", symbol, 30, 64600)
+        untouched = await create_stops(d.nodes["api"], "pia", symbol, 2, 60000)
+
+        async def watched() -> bool:
+            return await _watching(cut_off, symbol) == 32
+
+        await until(watched, timeout=30)
+        assert proxy.connections > 0  # engine-a does reach PostgreSQL through the proxy
+        proxy.cut()
+        try:
+            # The crossing reaches the cut-off owner's feed too, but not its database.
+            for step in range(8):
+                d.sim.publish(symbol, str(64600 - 40 * step))
+            d.sim.publish(symbol, "63000")
+
+            async def all_closed() -> bool:
+                return await closed_count(db, triggered) == len(triggered)
+
+            await until(all_closed, timeout=60)
+            # engine-b holds everything; engine-a dropped its symbols (one subscription each).
+            alone = await settled(d, {"engine-b": d.nodes["engine-b"]})
+            assert len(alone["engine-b"]["partitions"]) == PARTITIONS
+        finally:
+            proxy.heal()
+        # Healed: engine-a finds itself expired, drops the lost leases and gets its share back.
+        after = await settled(d, alive(d))
+        assert sorted(len(e["partitions"]) for e in after.values()) == [4, 4]
+        text = (await cut_off.http.get("/metrics")).text
+        assert 'tickguard_engine_lease_changes_total{change="lost"} 0.0' not in text
+        result = await audit(db, triggered, untouched)
+        result.assert_clean()
+
+
+async def test_redis_restarted_while_an_owners_stops_are_crossed_closes_each_once(
+    own_database: str, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Redis is killed in the middle of a walk through an owner's stops and started again
+    (empty): every crossed stop closes once, and ownership (PostgreSQL leases) stays exactly
+    once throughout."""
+    async with (
+        sharded(own_database, own_redis.url, tmp_path) as d,
+        open_database(own_database) as db,
+    ):
+        async with trio.open_nursery() as nursery:
+            for name in ("engine-a", "engine-b"):
+                nursery.start_soon(start, d, name)
+            nursery.start_soon(start, d, "api", "api")
+        found = await settled(d, alive(d))
+        owner = owner_of(found, "SOL-USD")
+        triggered = await create_stops(d.nodes["api"], "quy", "SOL-USD", 40, 64600)
+        untouched = await create_stops(d.nodes["api"], "ria", "SOL-USD", 2, 60000)
+
+        async def watched() -> bool:
+            return await _watching(d.nodes[owner], "SOL-USD") == 42
+
+        await until(watched, timeout=30)
+        for step in range(12):
+            d.sim.publish("SOL-USD", str(64600 - 40 * step))
+            if step == 4:
+                await trio.to_thread.run_sync(own_redis.stop)
+        d.sim.publish("SOL-USD", "63000")
+
+        async def all_closed() -> bool:
+            return await closed_count(db, triggered) == len(triggered)
+
+        await until(all_closed, timeout=60)
+        # Without Redis: still each partition and symbol owned once, by the same engines.
+        during = await settled(d, alive(d))
+        assert {n: e["partitions"] for n, e in during.items()} == {
+            n: e["partitions"] for n, e in found.items()
+        }
+        await trio.to_thread.run_sync(own_redis.start)  # same port, empty
+        after = await settled(d, alive(d))
+        assert sorted(len(e["partitions"]) for e in after.values()) == [4, 4]
         result = await audit(db, triggered, untouched)
         result.assert_clean()
