@@ -310,11 +310,19 @@ async def test_an_owner_partitioned_from_postgresql_is_taken_over_and_rejoins_fe
 
         await until(watched, timeout=30)
         assert proxy.connections > 0  # engine-a does reach PostgreSQL through the proxy
-        proxy.cut()
         try:
-            # The crossing reaches the cut-off owner's feed too, but not its database.
+            # The walk down through the stops is cut off from the owner's database half way,
+            # once it closed some: the rest reaches its feed too, but none of its closes can
+            # commit.
             for step in range(8):
                 d.sim.publish(symbol, str(64600 - 40 * step))
+                if step == 3:
+
+                    async def some_closed() -> bool:
+                        return await closed_count(db, triggered) > 0
+
+                    await until(some_closed, timeout=30)  # engine-a closed some itself
+                    proxy.cut()
             d.sim.publish(symbol, "63000")
 
             async def all_closed() -> bool:
