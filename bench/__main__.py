@@ -29,6 +29,7 @@ BENCHMARKS = {
     "startup": "bench.startup",
     "fanout": "bench.fanout",
     "roles": "bench.roles",
+    "sharding": "bench.sharding",
 }
 
 
