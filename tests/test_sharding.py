@@ -47,6 +47,18 @@ async def sharded(database_url: str, redis_url: str, logs: Path) -> AsyncIterato
         yield Deployment(database_url, redis_url, sim, logs, stack)
 
 
+async def closed_at_their_stops(db: Any, ids: list[str]) -> None:
+    """Every crossed stop closed as a stop loss at its level (invariant 4), whichever engine,
+    before or after a takeover, closed it."""
+    wrong = await db.fetch(
+        "SELECT id, close_reason, close_price, stop_loss FROM positions "
+        "WHERE id::text = ANY($1::text[]) "
+        "AND (close_reason IS DISTINCT FROM 'stop_loss' OR close_price <> stop_loss)",
+        ids,
+    )
+    assert not wrong, wrong
+
+
 async def start(d: Deployment, name: str, role: str = "engine", **env: str) -> Node:
     return await d.start(
         name,
@@ -181,6 +193,7 @@ async def test_kill_9_of_an_owner_while_its_stops_are_crossed_closes_each_once(
         assert list(after) == [survivor] and len(after[survivor]["partitions"]) == PARTITIONS
         result = await audit(db, triggered, untouched)
         result.assert_clean()
+        await closed_at_their_stops(db, triggered)
 
 
 async def test_a_paused_owner_is_fenced_and_nothing_closes_twice(
@@ -220,6 +233,7 @@ async def test_a_paused_owner_is_fenced_and_nothing_closes_twice(
         assert 'tickguard_engine_lease_changes_total{change="lost"} 0.0' not in text
         result = await audit(db, triggered)
         result.assert_clean()
+        await closed_at_their_stops(db, triggered)
 
 
 @pytest.mark.parametrize("seed", seeds(1, 2, soak=6))
@@ -276,6 +290,7 @@ async def test_a_random_schedule_of_joins_kills_and_pauses_closes_every_crossed_
         await settled(d, alive(d))
         result = await audit(db, triggered, untouched)
         result.assert_clean()
+        await closed_at_their_stops(db, triggered)
 
 
 async def test_an_owner_partitioned_from_postgresql_is_taken_over_and_rejoins_fenced(
@@ -341,6 +356,7 @@ async def test_an_owner_partitioned_from_postgresql_is_taken_over_and_rejoins_fe
         assert 'tickguard_engine_lease_changes_total{change="lost"} 0.0' not in text
         result = await audit(db, triggered, untouched)
         result.assert_clean()
+        await closed_at_their_stops(db, triggered)
 
 
 async def test_redis_restarted_while_an_owners_stops_are_crossed_closes_each_once(
@@ -386,3 +402,4 @@ async def test_redis_restarted_while_an_owners_stops_are_crossed_closes_each_onc
         assert sorted(len(e["partitions"]) for e in after.values()) == [4, 4]
         result = await audit(db, triggered, untouched)
         result.assert_clean()
+        await closed_at_their_stops(db, triggered)
