@@ -562,6 +562,23 @@ async def _watching(http: httpx.AsyncClient, role: Role) -> int:
     return 0
 
 
+async def create_stop(http: httpx.AsyncClient, base_url: str, user: str, price: Decimal) -> str:
+    """A long BTC-USD position of ``user`` at ``price`` with its stop 1 below; its id."""
+    response = await http.post(
+        base_url + "/api/positions",
+        json={
+            "userId": user,
+            "symbol": "BTC-USD",
+            "side": "long",
+            "entryPrice": str(price),
+            "stopLoss": str(price - 1),
+        },
+    )
+    if response.status_code != 201:
+        raise RuntimeError(f"create failed: {response.status_code} {response.text}")
+    return str(loads(response.content)["data"]["id"])
+
+
 async def takeovers(
     d: Deployment, *, repeats: int, per_round: int, price: Decimal
 ) -> list[dict[str, Any]]:
@@ -582,19 +599,7 @@ async def takeovers(
             standby = next(e for e in engines.values() if e is not leader)
             ids = []
             for _ in range(per_round):
-                response = await http.post(
-                    api.base_url + "/api/positions",
-                    json={
-                        "userId": f"takeover-{n}",
-                        "symbol": "BTC-USD",
-                        "side": "long",
-                        "entryPrice": str(price),
-                        "stopLoss": str(price - 1),
-                    },
-                )
-                if response.status_code != 201:
-                    raise RuntimeError(f"create failed: {response.status_code} {response.text}")
-                ids.append(loads(response.content)["data"]["id"])
+                ids.append(await create_stop(http, api.base_url, f"takeover-{n}", price))
             with trio.fail_after(60):
                 while await _watching(http, leader) < per_round:  # noqa: ASYNC110 - a metric
                     await trio.sleep(0.05)

@@ -46,7 +46,7 @@ from bench.common import (
     postgres_settings,
     write_result,
 )
-from bench.roles import BenchRedis, Deployment, Role, bench_redis
+from bench.roles import BenchRedis, Deployment, Role, bench_redis, create_stop
 from tickguard.actors.messages import NewPosition
 from tickguard.sim import open_simulator
 from tickguard.storage import open_database
@@ -164,19 +164,7 @@ async def takeovers(d: Deployment, *, repeats: int, per_round: int) -> list[dict
             (survivor,) = [e for e in engines if e is not victim]
             ids = []
             for i in range(per_round):
-                response = await http.post(
-                    api.base_url + "/api/positions",
-                    json={
-                        "userId": f"takeover-{n}-{i}",
-                        "symbol": "BTC-USD",
-                        "side": "long",
-                        "entryPrice": str(price),
-                        "stopLoss": str(price - 1),
-                    },
-                )
-                if response.status_code != 201:
-                    raise RuntimeError(f"create failed: {response.status_code} {response.text}")
-                ids.append(loads(response.content)["data"]["id"])
+                ids.append(await create_stop(http, api.base_url, f"takeover-{n}-{i}", price))
             with trio.fail_after(60):
                 while await open_on(http, victim, "BTC-USD") < per_round:  # noqa: ASYNC110
                     await trio.sleep(0.05)

@@ -59,6 +59,17 @@ async def closed_at_their_stops(db: Any, ids: list[str]) -> None:
     assert not wrong, wrong
 
 
+async def two_engines_and_an_api(d: Deployment) -> None:
+    async with trio.open_nursery() as nursery:
+        for name in ("engine-a", "engine-b"):
+            nursery.start_soon(start, d, name)
+        nursery.start_soon(start, d, "api", "api")
+
+
+async def all_closed(db: Any, ids: list[str]) -> bool:
+    return await closed_count(db, ids) == len(ids)
+
+
 async def start(d: Deployment, name: str, role: str = "engine", **env: str) -> Node:
     return await d.start(
         name,
@@ -155,10 +166,7 @@ async def test_kill_9_of_an_owner_while_its_stops_are_crossed_closes_each_once(
         sharded(own_database, redis_url, tmp_path) as d,
         open_database(own_database) as db,
     ):
-        async with trio.open_nursery() as nursery:
-            for name in ("engine-a", "engine-b"):
-                nursery.start_soon(start, d, name)
-            nursery.start_soon(start, d, "api", "api")
+        await two_engines_and_an_api(d)
         found = await settled(d, alive(d))
         victim = owner_of(found, "BTC-USD")
         survivor = next(n for n in found if n != victim)
@@ -185,10 +193,7 @@ async def test_kill_9_of_an_owner_while_its_stops_are_crossed_closes_each_once(
         d.sim.publish("BTC-USD", "63000")
         d.sim.publish(other, "63000")
 
-        async def all_closed() -> bool:
-            return await closed_count(db, triggered) == len(triggered)
-
-        await until(all_closed, timeout=60)
+        await until(partial(all_closed, db, triggered), timeout=60)
         after = await settled(d, alive(d))
         assert list(after) == [survivor] and len(after[survivor]["partitions"]) == PARTITIONS
         result = await audit(db, triggered, untouched)
@@ -203,10 +208,7 @@ async def test_a_paused_owner_is_fenced_and_nothing_closes_twice(
         sharded(own_database, redis_url, tmp_path) as d,
         open_database(own_database) as db,
     ):
-        async with trio.open_nursery() as nursery:
-            for name in ("engine-a", "engine-b"):
-                nursery.start_soon(start, d, name)
-            nursery.start_soon(start, d, "api", "api")
+        await two_engines_and_an_api(d)
         found = await settled(d, alive(d))
         paused_name = owner_of(found, "ETH-USD")
         paused = d.nodes[paused_name]
@@ -221,10 +223,7 @@ async def test_a_paused_owner_is_fenced_and_nothing_closes_twice(
             # The crossing reaches the paused owner's socket too; the other engine takes over.
             d.sim.publish("ETH-USD", "63000")
 
-            async def all_closed() -> bool:
-                return await closed_count(db, triggered) == len(triggered)
-
-            await until(all_closed, timeout=60)
+            await until(partial(all_closed, db, triggered), timeout=60)
         finally:
             paused.process.process.send_signal(signal.SIGCONT)
         # Resumed, it finds itself fenced, drops what it lost and gets its share back.
@@ -283,10 +282,7 @@ async def test_a_random_schedule_of_joins_kills_and_pauses_closes_every_crossed_
         for symbol in symbols:
             d.sim.publish(symbol, "64000")
 
-        async def all_closed() -> bool:
-            return await closed_count(db, triggered) == len(triggered)
-
-        await until(all_closed, timeout=90)
+        await until(partial(all_closed, db, triggered), timeout=90)
         await settled(d, alive(d))
         result = await audit(db, triggered, untouched)
         result.assert_clean()
@@ -340,10 +336,7 @@ async def test_an_owner_partitioned_from_postgresql_is_taken_over_and_rejoins_fe
                     proxy.cut()
             d.sim.publish(symbol, "63000")
 
-            async def all_closed() -> bool:
-                return await closed_count(db, triggered) == len(triggered)
-
-            await until(all_closed, timeout=60)
+            await until(partial(all_closed, db, triggered), timeout=60)
             # engine-b holds everything; engine-a dropped its symbols (one subscription each).
             alone = await settled(d, {"engine-b": d.nodes["engine-b"]})
             assert len(alone["engine-b"]["partitions"]) == PARTITIONS
@@ -369,10 +362,7 @@ async def test_redis_restarted_while_an_owners_stops_are_crossed_closes_each_onc
         sharded(own_database, own_redis.url, tmp_path) as d,
         open_database(own_database) as db,
     ):
-        async with trio.open_nursery() as nursery:
-            for name in ("engine-a", "engine-b"):
-                nursery.start_soon(start, d, name)
-            nursery.start_soon(start, d, "api", "api")
+        await two_engines_and_an_api(d)
         found = await settled(d, alive(d))
         owner = owner_of(found, "SOL-USD")
         triggered = await create_stops(d.nodes["api"], "quy", "SOL-USD", 40, 64600)
@@ -388,10 +378,7 @@ async def test_redis_restarted_while_an_owners_stops_are_crossed_closes_each_onc
                 await trio.to_thread.run_sync(own_redis.stop)
         d.sim.publish("SOL-USD", "63000")
 
-        async def all_closed() -> bool:
-            return await closed_count(db, triggered) == len(triggered)
-
-        await until(all_closed, timeout=60)
+        await until(partial(all_closed, db, triggered), timeout=60)
         # Without Redis: still each partition and symbol owned once, by the same engines.
         during = await settled(d, alive(d))
         assert {n: e["partitions"] for n, e in during.items()} == {
