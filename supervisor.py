@@ -27,6 +27,7 @@ the same inbox and nobody else learns of the restart.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -560,6 +561,17 @@ async def _open_bus(settings: Settings) -> AsyncIterator[Any]:
         yield bus
 
 
+def settle_heap() -> None:
+    """Freeze what start-up built (``gc.freeze``): the positions the engines loaded, the
+    modules, the app. The cyclic collector then no longer walks them in its full collections
+    (issue 16: with 20,000 positions loaded it took 11% of the server's CPU under REST load,
+    ~150 ms per full collection, a stall of every request in flight). No collection first: it
+    would stall the loop for as long, and what garbage start-up left is frozen once, bounded.
+    """
+    gc.freeze()
+    log.info("heap settled: %d objects frozen", gc.get_freeze_count())
+
+
 def _leaves(group: BaseExceptionGroup[Any], kind: type[E]) -> list[E]:
     """The exceptions of type ``kind`` in ``group``, however deeply nurseries nested it."""
     found: list[E] = []
@@ -633,6 +645,7 @@ async def _serve(
                             tree = build_tree(settings, db, faults=faults)
                         async with trio.open_nursery() as nursery:
                             await nursery.start(tree.supervisor.run)
+                            settle_heap()
                             tree_ready.set()
                             task_status.started(tree)
                             await requested.wait()

@@ -162,6 +162,15 @@ async def _execute(conn: asyncpg.Connection, query: str, *args: Any) -> str:
     return str(await conn.execute(query, *args))
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, after asyncpg's own (which rolls back a transaction left
+    open): nothing more. asyncpg's default sends ``RESET ALL; CLOSE ALL; UNLISTEN *; SELECT
+    pg_advisory_unlock_all()`` on every release, a round trip per database call (issue 16),
+    for session state that tickguard never creates: no ``SET`` outside a transaction, no
+    ``LISTEN``, no cursor outside a transaction, only transaction-scoped advisory locks
+    (``tests/test_storage.py`` checks that a failed transaction leaves its connection clean)."""
+
+
 @asynccontextmanager
 async def open_pool(
     dsn: str, *, timeout: float = 5.0, min_size: int = 1, max_size: int = 10
@@ -178,6 +187,7 @@ async def open_pool(
                 max_size=max_size,
                 timeout=timeout,
                 command_timeout=max(timeout * 6, 30.0),
+                reset=_keep_session,
             )
     except trio.TooSlowError as exc:
         raise DatabaseUnavailable(f"no connection within {timeout:g} s") from exc

@@ -456,3 +456,23 @@ async def test_warm_up_prepares_the_close_path_on_each_pooled_connection_and_cha
         assert writes._MARK_PUBLISHED_SQL in held
         assert any("INSERT INTO events" in s for s in held)
         assert any("INSERT INTO user_seq" in s for s in held)
+
+
+async def _insert_then_fail(conn: asyncpg.Connection) -> None:
+    await conn.execute("INSERT INTO user_seq (user_id, seq) VALUES ('abandoned', 1)")
+    raise LookupError("the transaction's work failed")
+
+
+async def _session_state(conn: asyncpg.Connection) -> tuple[bool, int]:
+    seen = await conn.fetchval("SELECT count(*) FROM user_seq WHERE user_id = 'abandoned'")
+    return conn.is_in_transaction(), seen
+
+
+async def test_a_released_connection_comes_back_without_a_transaction(database_url: str) -> None:
+    # The pool's reset on release no longer sends RESET ALL (storage/db.py `_keep_session`):
+    # a transaction that failed half-way is rolled back by the transaction itself, and the
+    # connection (the pool's only one) serves the next call clean.
+    async with open_database(database_url, timeout=10.0, min_size=1, max_size=1) as one:
+        with pytest.raises(LookupError):
+            await one.transaction(_insert_then_fail)
+        assert await one.run(_session_state) == (False, 0)
