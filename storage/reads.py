@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
+
 from tickguard.domain import (
     Position,
 )
@@ -63,11 +65,15 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     return moment, uuid.UUID(hex=match.group(2))
 
 
-# The page queries: ``{columns}`` is filled in with what each way selects.
-_LIST_POSITIONS = """SELECT {columns} FROM positions
-    WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
-      AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
-    ORDER BY created_at DESC, id DESC LIMIT $5"""
+# The page queries: ``{columns}`` is filled in with what each way selects; the positions
+# query's arguments are named too (``{user}``…), so that a batch can fill them from its rows.
+_POSITIONS_PAGE = """SELECT {columns} FROM positions
+    WHERE user_id = {user} AND ({status}::text IS NULL OR status = {status})
+      AND ({at}::timestamptz IS NULL OR (created_at, id) < ({at}, {id}::uuid))
+    ORDER BY created_at DESC, id DESC LIMIT {fetch}"""
+_LIST_POSITIONS = _POSITIONS_PAGE.replace("{user}", "$1").replace("{status}", "$2")
+_LIST_POSITIONS = _LIST_POSITIONS.replace("{at}", "$3").replace("{id}", "$4")
+_LIST_POSITIONS = _LIST_POSITIONS.replace("{fetch}", "$5")
 _LIST_CLOSED = """SELECT {columns} FROM positions
     WHERE user_id = $1 AND status = 'closed'
       AND ($2::timestamptz IS NULL OR (closed_at, id) < ($2, $3::uuid))
@@ -76,22 +82,35 @@ _LIST_CLOSED = """SELECT {columns} FROM positions
 # One row for a whole page: the first ``limit`` rows' JSON objects joined by commas (NULL when
 # there is none), how many rows the query gave (``limit + 1`` when there is a next page), and
 # the keyset of the ``limit``-th row, which the next page's cursor names.
-_JSON_PAGE = """SELECT string_agg(json, ',' ORDER BY n) FILTER (WHERE n <= ${limit}) AS body,
+_JSON_PAGE = """SELECT string_agg(json, ',' ORDER BY n) FILTER (WHERE n <= {limit}) AS body,
        count(*) AS rows,
-       (array_agg(at) FILTER (WHERE n = ${limit}))[1] AS last_at,
-       (array_agg(id) FILTER (WHERE n = ${limit}))[1] AS last_id
+       (array_agg(at) FILTER (WHERE n = {limit}))[1] AS last_at,
+       (array_agg(id) FILTER (WHERE n = {limit}))[1] AS last_id
   FROM ({query}) AS page"""
 
 
-def _json_page_query(query: str, order: str, limit_param: int) -> str:
+def _json_page_query(query: str, order: str, limit: str) -> str:
     columns = f"row_number() OVER (ORDER BY {order}) AS n, {order.split()[0]} AS at, id, " + (
         f"{POSITION_JSON} AS json"
     )
-    return _JSON_PAGE.format(limit=limit_param, query=query.format(columns=columns))
+    return _JSON_PAGE.format(limit=limit, query=query.format(columns=columns))
 
 
-_LIST_POSITIONS_JSON = _json_page_query(_LIST_POSITIONS, "created_at DESC, id DESC", 6)
-_LIST_CLOSED_JSON = _json_page_query(_LIST_CLOSED, "closed_at DESC, id DESC", 5)
+# Many users' pages in one query (issue 16: web.batched reads the pages asked for at the same
+# moment together): one request per row of the arrays, each page a lateral subquery, in order.
+_PAGE_ARGS = {"user": "q.user_id", "status": "q.status", "at": "q.after_at", "id": "q.after_id"}
+_LIST_POSITIONS_JSON = f"""SELECT page.* FROM
+    unnest($1::text[], $2::text[], $3::timestamptz[], $4::uuid[], $5::int[])
+      WITH ORDINALITY AS q(user_id, status, after_at, after_id, lim, k)
+    CROSS JOIN LATERAL ({
+    _json_page_query(
+        _POSITIONS_PAGE.format_map({**_PAGE_ARGS, "fetch": "q.lim + 1", "columns": "{columns}"}),
+        "created_at DESC, id DESC",
+        "q.lim",
+    )
+}) AS page
+  ORDER BY q.k"""
+_LIST_CLOSED_JSON = _json_page_query(_LIST_CLOSED, "closed_at DESC, id DESC", "$5")
 
 
 def _json_result(row: Any, limit: int) -> tuple[str, str | None]:
@@ -100,22 +119,44 @@ def _json_result(row: Any, limit: int) -> tuple[str, str | None]:
     return row["body"] or "", cursor
 
 
+@attrs.frozen
+class PageAsk:
+    """One ``GET /api/positions`` page: whose, which status (None: all), how many, and after
+    which keyset (a decoded cursor; None: the first page)."""
+
+    user_id: str
+    status: str | None
+    limit: int
+    after: tuple[datetime, uuid.UUID] | None = None
+
+    @classmethod
+    def of(cls, user_id: str, status: str | None, limit: int, cursor: str | None) -> PageAsk:
+        """The ask for a page named by a client's cursor; raises ``BadCursor``."""
+        return cls(user_id, status, limit, _decode_cursor(cursor) if cursor else None)
+
+
+async def list_positions_json_many(
+    db: Reader, asks: Sequence[PageAsk]
+) -> list[tuple[str, str | None]]:
+    """``list_positions_json`` for many pages in one query, in the order asked."""
+    rows = await db.fetch(
+        _LIST_POSITIONS_JSON,
+        [a.user_id for a in asks],
+        [a.status for a in asks],
+        [a.after[0] if a.after else None for a in asks],
+        [a.after[1] if a.after else None for a in asks],
+        [a.limit for a in asks],
+    )
+    return [_json_result(row, ask.limit) for row, ask in zip(rows, asks, strict=True)]
+
+
 async def list_positions_json(
     db: Reader, user_id: str, status: str | None, limit: int, cursor: str | None
 ) -> tuple[str, str | None]:
     """``list_positions`` as the JSON text of the page's Position objects, comma-separated
     (``""`` for an empty page), and the same next-page cursor."""
-    after = _decode_cursor(cursor) if cursor else None
-    row = await db.fetchrow(
-        _LIST_POSITIONS_JSON,
-        user_id,
-        status,
-        after[0] if after else None,
-        after[1] if after else None,
-        limit + 1,
-        limit,
-    )
-    return _json_result(row, limit)
+    ask = PageAsk.of(user_id, status, limit, cursor)
+    return (await list_positions_json_many(db, [ask]))[0]
 
 
 async def list_closed_json(

@@ -23,6 +23,7 @@ from tickguard.web.dashboard import dashboard
 from tickguard.web.json import WireJSONProvider
 from tickguard.web.metrics import metrics
 from tickguard.web.openapi import openapi
+from tickguard.web.pages import PAGE_READER, PageReader
 from tickguard.web.probes import probes
 from tickguard.web.routes import routes
 from tickguard.web.seq_reader import SEQ_READER, SeqReader
@@ -60,6 +61,7 @@ def create_app(services: AppServices) -> QuartTrio:
     app.extensions[EXTENSION] = services
     app.extensions[LIVE_SESSIONS] = LiveSessions()
     app.extensions[SEQ_READER] = SeqReader(services.db)
+    app.extensions[PAGE_READER] = PageReader(services.db)
     errors.install(app)
     cors.install(app, services.settings.cors_origins)
     # After CORS: a preflight is answered before any check. A /ws handshake from another

@@ -31,6 +31,7 @@ from tickguard.storage import IdempotencyKeyReused, reads
 from tickguard.web.errors import ApiError, unavailable
 from tickguard.web.identity import acting_user, with_token_user
 from tickguard.web.json import json_response, page_bytes, raw_json_response
+from tickguard.web.pages import page_reader
 from tickguard.web.schemas import (
     IDEMPOTENCY_KEY,
     LIST_BOUND,
@@ -191,15 +192,11 @@ async def create_position() -> Response:
 
 @routes.get("/api/positions")
 async def list_positions() -> Response:
-    services = _services()
     query = structure(ListPositionsQuery, with_token_user(request.args.to_dict()))
-    body, cursor = await reads.list_positions_json(
-        services.db,
-        acting_user(query.user_id),
-        query.status,
-        query.limit or LIST_BOUND,
-        query.cursor,
-    )
+    user = acting_user(query.user_id)
+    ask = reads.PageAsk.of(user, query.status, query.limit or LIST_BOUND, query.cursor)
+    # Read together with the other pages asked for at this moment (web.batched).
+    body, cursor = await page_reader(current_app).get(ask)
     return _page(body, cursor)
 
 
