@@ -160,6 +160,25 @@ async def test_cors_allows_listed_origins_and_answers_preflight(db: Database) ->
     # Errors carry CORS headers too, or the browser would hide the message from the app.
     assert error.status_code == 400
     assert error.headers["Access-Control-Allow-Origin"] == TEST_ORIGIN
+    # A listed-origins answer depends on Origin: caches must keep them apart, refused or not.
+    for response in (allowed, other, preflight, error):
+        assert response.headers.get_list("Vary") == ["Origin"]
+    assert preflight.headers["Access-Control-Max-Age"] == "600"
+    assert "Access-Control-Allow-Methods" not in allowed.headers
+
+
+async def test_any_origin_cors_needs_no_vary(db: Database) -> None:
+    settings = make_settings(cors_origins=("*",))
+    async with (
+        running_stack(db, settings=settings) as stack,
+        httpx.AsyncClient(base_url=stack.base_url) as client,
+    ):
+        answer = await client.get("/health", headers={"Origin": "https://anywhere.example"})
+        bare = await client.get("/health")
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert "X-Request-Id" in answer.headers["Access-Control-Expose-Headers"]
+    assert "Vary" not in answer.headers and "Vary" not in bare.headers
+    assert "Access-Control-Allow-Origin" not in bare.headers
 
 
 # --- create: validation ------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def create_app(services: AppServices) -> QuartTrio:
     app.extensions[SEQ_READER] = SeqReader(services.db)
     app.extensions[PAGE_READER] = PageReader(services.db)
     errors.install(app)
-    cors.install(app, services.settings.cors_origins)
+    cors.install(app)
     # After CORS: a preflight is answered before any check. A /ws handshake from another
     # site is refused (origin) before its token is looked at (identity).
     origin.install(app, services.settings.cors_origins)
@@ -81,8 +81,8 @@ def create_app(services: AppServices) -> QuartTrio:
         app.register_blueprint(ws)
     app.register_blueprint(openapi)
     app.register_blueprint(metrics)
-    # Request ids, the access line, early-answer closes and the /health shortcut: one layer.
-    edge.install(app)
+    # Request ids, the access line, early-answer closes and CORS headers: one layer.
+    edge.install(app, cors.CorsPolicy(services.settings.cors_origins))
     return app
 
 

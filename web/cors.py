@@ -1,8 +1,10 @@
 """CORS for the browser app: ``CORS_ORIGIN`` (one origin, a list, or ``*``) and preflight.
 
 A matching ``Origin`` gets ``Access-Control-Allow-Origin`` on every response, errors
-included; a preflight (``OPTIONS`` with ``Access-Control-Request-Method``) on a known route
-is answered 204 at once. Other origins get no CORS headers, so the browser blocks them.
+included (added by ``web.edge``, the one ASGI layer every response passes, from
+``CorsPolicy.response_headers``: issue 16, a Quart ``after_request`` hook cost more); a
+preflight (``OPTIONS`` with ``Access-Control-Request-Method``) on a known route is answered
+204 at once. Other origins get no CORS headers, so the browser blocks them.
 """
 
 from __future__ import annotations
@@ -31,10 +33,45 @@ class CorsPolicy:
             return "*"
         return origin if origin.lower() in self.allowed else None
 
+    def response_headers(
+        self, origin: str | None, method: str, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Add to a response's (ASGI) ``headers`` what answers a request with this ``Origin``
+        (None: absent) and method: ``Vary: Origin`` unless any origin is allowed, and for an
+        allowed origin ``Access-Control-Allow-Origin`` and the exposed headers, plus the
+        preflight's allowed methods, headers and max age for ``OPTIONS``."""
+        if not self.any_origin:
+            _add_vary_origin(headers)
+        allowed = self.allow_origin(origin)
+        if allowed is None:
+            return
+        headers.append((b"access-control-allow-origin", allowed.encode("latin-1")))
+        headers.append((b"access-control-expose-headers", _EXPOSED))
+        if method == "OPTIONS":
+            headers.extend(_PREFLIGHT)
 
-def install(app: QuartTrio, origins: tuple[str, ...]) -> None:
-    """Answer preflights and add CORS headers for ``origins`` (lower-case, or ``("*",)``)."""
-    policy = CorsPolicy(origins)
+
+_EXPOSED = EXPOSED_HEADERS.encode("ascii")
+_PREFLIGHT = (
+    (b"access-control-allow-methods", ALLOWED_METHODS.encode("ascii")),
+    (b"access-control-allow-headers", ALLOWED_HEADERS.encode("ascii")),
+    (b"access-control-max-age", PREFLIGHT_MAX_AGE.encode("ascii")),
+)
+
+
+def _add_vary_origin(headers: list[tuple[bytes, bytes]]) -> None:
+    """``Vary: Origin``, merged into a ``Vary`` header the response already has."""
+    for n, (name, value) in enumerate(headers):
+        if name.lower() == b"vary":
+            if b"origin" not in value.lower() and value.strip() != b"*":
+                headers[n] = (name, value + b", Origin")
+            return
+    headers.append((b"vary", b"Origin"))
+
+
+def install(app: QuartTrio) -> None:
+    """Answer preflights on known routes (their CORS headers are added by ``web.edge``, as on
+    every response: ``CorsPolicy.response_headers``)."""
 
     @app.before_request
     async def _preflight() -> Response | None:
@@ -45,18 +82,3 @@ def install(app: QuartTrio, origins: tuple[str, ...]) -> None:
         ):
             return Response(b"", status=204)
         return None
-
-    @app.after_request
-    async def _headers(response: Response) -> Response:
-        origin = policy.allow_origin(request.headers.get("Origin"))
-        if not policy.any_origin:
-            response.vary.add("Origin")
-        if origin is None:
-            return response
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-        if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
-            response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
-            response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
-        return response

@@ -16,7 +16,8 @@ forever for an answer to its next request.
   ``FINISH_S``), so that hypercorn's end-of-response work, which closes or recycles the
   connection, always runs to its end.
 
-This module holds what it needs: ``has_body``, ``FINISH_S`` and the ``EarlyAnswers`` count.
+This module holds ``FINISH_S`` and the ``EarlyAnswers`` count; ``web.edge`` tells whether a
+request carries a body (chunked, or a ``Content-Length`` that is not 0).
 """
 
 from __future__ import annotations
@@ -31,14 +32,3 @@ class EarlyAnswers:
     their connection)."""
 
     count: int = 0
-
-
-def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a request with these (lower-case) headers carries a body: a chunked one, or a
-    ``Content-Length`` that is not 0 (hypercorn has already rejected malformed ones)."""
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length" and value.strip() != b"0":
-            return True
-    return False

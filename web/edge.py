@@ -1,6 +1,6 @@
-"""The one ASGI layer around the app: request ids, the access line and early-answer closes, in
-a single wrapper (issue 16: every layer costs each request a coroutine and a wrapped ``send``;
-these three were separate).
+"""The one ASGI layer around the app: request ids, the access line, early-answer closes and
+CORS response headers, in a single wrapper (issue 16: every layer costs each request a
+coroutine and a wrapped ``send``; these were three layers and a Quart hook).
 
 For each HTTP request and WebSocket session ``Edge``:
 
@@ -9,6 +9,8 @@ For each HTTP request and WebSocket session ``Edge``:
   in the HTTP response's ``X-Request-Id`` header (replacing any the app set);
 - logs one access line at DEBUG on ``tickguard.web.access`` when the response is done
   (method, path, status, duration);
+- adds the CORS headers for the request's ``Origin`` to every HTTP response, errors included
+  (``web.cors.CorsPolicy.response_headers``);
 - for plain HTTP, applies ``web.early_answer``'s rules: a response that starts before the
   request body was complete says ``Connection: close``, and the final part of every response
   is sent shielded from cancellation (bounded by ``FINISH_S``).
@@ -38,8 +40,9 @@ from hypercorn.typing import (
 from quart import Quart
 
 from tickguard.logs import REQUEST_ID
-from tickguard.web.early_answer import FINISH_S, EarlyAnswers, has_body
-from tickguard.web.request_ids import access_log, new_request_id, request_id_from
+from tickguard.web.cors import CorsPolicy
+from tickguard.web.early_answer import FINISH_S, EarlyAnswers
+from tickguard.web.request_ids import access_log, new_request_id, sane_request_id
 
 _HEADER_KEY = b"x-request-id"
 _CONNECTION_CLOSE = (b"connection", b"close")
@@ -48,8 +51,9 @@ _CONNECTION_CLOSE = (b"connection", b"close")
 class Edge:
     """Wraps an ASGI app; see the module docstring."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, cors: CorsPolicy) -> None:
         self.app = app
+        self.cors = cors
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -57,12 +61,25 @@ class Edge:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
-        headers = list(scope["headers"])
-        request_id = request_id_from(headers) or new_request_id()
+        # One pass over the request's (lower-case) headers for all this layer reads.
+        client_id: str | None = None
+        seen_id = body = False
+        origin: str | None = None
+        for name, value in scope["headers"]:
+            if name == _HEADER_KEY:
+                if not seen_id:  # the first one counts
+                    seen_id, client_id = True, sane_request_id(value)
+            elif name == b"content-length":
+                body = body or value.strip() != b"0"
+            elif name == b"transfer-encoding":
+                body = True
+            elif name == b"origin" and origin is None:
+                origin = value.decode("latin-1")
+        request_id = client_id or new_request_id()
         token = REQUEST_ID.set(request_id)
         try:
             if scope["type"] == "http":
-                await self._http(scope, headers, receive, send, request_id)
+                await self._http(scope, body, origin, receive, send, request_id)
             else:
                 await self.app(scope, receive, send)
         finally:
@@ -71,14 +88,15 @@ class Edge:
     async def _http(
         self,
         scope: HTTPScope,
-        headers: list[tuple[bytes, bytes]],
+        body: bool,
+        origin: str | None,
         receive: ASGIReceiveCallable,
         send: ASGISendCallable,
         request_id: str,
     ) -> None:
         started = time.perf_counter()
         status: int | None = None
-        complete = not has_body(headers)
+        complete = not body
         echo = (_HEADER_KEY, request_id.encode("ascii"))
         try:
 
@@ -106,6 +124,7 @@ class Edge:
                             await trio.lowlevel.checkpoint()
                     out = [h for h in message.get("headers", []) if h[0].lower() != _HEADER_KEY]
                     out.append(echo)
+                    self.cors.response_headers(origin, scope["method"], out)
                     if not complete:
                         if not any(name.lower() == b"connection" for name, _ in out):
                             out.append(_CONNECTION_CLOSE)
@@ -131,6 +150,6 @@ class Edge:
             )
 
 
-def install(app: Quart) -> None:
+def install(app: Quart, cors: CorsPolicy) -> None:
     """Wrap ``app``'s ASGI entry point with ``Edge`` (call once, last, in ``create_app``)."""
-    app.asgi_app = Edge(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = Edge(app.asgi_app, cors)  # type: ignore[method-assign]
