@@ -64,6 +64,12 @@ class FeedStatus:
             status = self.products[symbol] = ProductStatus()
         return status
 
+    def product_state(self, symbol: str) -> str | None:
+        """``symbol``'s state (``connecting``, ``live``…; None: not known), as ``snapshot``
+        shows it, without copying every product (asked on every create)."""
+        status = self.products.get(symbol)
+        return None if status is None else status.state
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy: per product state, age of last message (s), ticks, missed,
         ``trading`` (``trading`` or ``halted``, with ``halt_reason`` and ``halted_ticks``) and

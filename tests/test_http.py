@@ -119,6 +119,9 @@ async def test_internal_error_is_opaque_and_logged(
         def snapshot(self) -> dict[str, Any]:
             raise RuntimeError("secret detail from deep inside")
 
+        def product_state(self, symbol: str) -> str | None:
+            raise RuntimeError("secret detail from deep inside")
+
     services = AppServices(
         settings=make_settings(),
         db=db,

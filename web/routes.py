@@ -132,8 +132,7 @@ def _feed_state(services: AppServices, symbol: str) -> str | None:
     """The feed's state for ``symbol`` when it is not ``live`` (None when live or unknown)."""
     if services.feed_status is None:
         return None
-    product = services.feed_status.snapshot().get("products", {}).get(symbol)
-    state = "connecting" if product is None else product.get("state")
+    state = services.feed_status.product_state(symbol) or "connecting"
     return state if state in _NOT_WATCHING else None
 
 

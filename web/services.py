@@ -29,6 +29,10 @@ class FeedReport(Protocol):
 
     def snapshot(self) -> dict[str, Any]: ...
 
+    def product_state(self, symbol: str) -> str | None:
+        """The product's state as ``snapshot`` shows it (None: not known to the feed)."""
+        ...
+
 
 @attrs.define
 class WsStats:
