@@ -155,6 +155,7 @@ class _Feed:
         # Dropped (another engine owns them now) and not watched since: tickers ignored.
         self.dropped: set[str] = set()
         status.status_channel = "connecting" if config.status_channel else "off"
+        status.watching = self.watching
         for product in config.products:
             status.product(product)
 
@@ -208,6 +209,22 @@ class _Feed:
         else:
             self.waiters.setdefault(symbol, []).append(command)
         self.wake()
+
+    def watching(self, symbol: str) -> bool:
+        """Whether a ``Watch`` of ``symbol`` would change nothing and be answered ``ACCEPTED``
+        at once (``on_watch``): subscribed on the live connection with no unsubscribe in
+        flight, not rejected or dropped, and pinned or watched without a linger running. The
+        create handler reads it through ``FeedStatus.watching`` instead of asking, which cost a
+        fifth of a create (issue 16); any other case asks as before."""
+        session = self.session
+        return (
+            session is not None
+            and symbol in session.subscribed
+            and session.in_flight != ("unsubscribe", symbol)
+            and symbol not in self.rejected
+            and symbol not in self.dropped
+            and (symbol in self.pinned or (symbol in self.watched and self.watched[symbol] is None))
+        )
 
     def on_unwatch(self, command: Unwatch) -> None:
         if command.symbol in self.watched:

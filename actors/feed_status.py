@@ -4,6 +4,7 @@ and /metrics read it (plain counters, no locking: one Trio thread). Times are Tr
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
@@ -24,6 +25,10 @@ class ProductStatus:
     # Tickers that arrived while Coinbase's status said the product was not trading: not put
     # into its window (recovered over REST once it trades again, issue 14).
     halted_ticks: int = 0
+
+
+def _no_feed(symbol: str) -> bool:
+    return False
 
 
 class FeedStatus:
@@ -54,6 +59,9 @@ class FeedStatus:
         self.last_error: str | None = None
         self.halted: dict[str, str] = {}
         self.status_channel = "off"
+        # The running feed's ``_Feed.watching``: whether a Watch would be a question only
+        # (False while no feed has started).
+        self.watching: Callable[[str], bool] = _no_feed
         # (attempt, delay) of recent backoffs, newest last.
         self.backoffs: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)
 

@@ -558,3 +558,30 @@ async def test_drop_unsubscribes_at_once_and_a_later_watch_recovers_from_the_wat
         gap = recoveries.receive_nowait().hold
         assert gap.symbol == "ETH-USD" and gap.after is None and gap.before == last_seen + 2
         assert recoveries.pending() == 0
+
+
+async def test_watching_is_true_only_where_a_watch_would_change_nothing(autojump_clock):
+    # The create handler skips its Watch when FeedStatus.watching says so (issue 16): it must
+    # be False wherever a Watch still does something (subscribe, cancel a linger, resubscribe).
+    async with running_feed(linger_s=10.0) as h:
+        assert h.status.watching("BTC-USD")  # pinned and live
+        assert not h.status.watching("ETH-USD")  # not subscribed: the Watch subscribes
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        assert h.status.watching("ETH-USD")
+        await h.mailbox.send(Unwatch("ETH-USD"))
+        await eventually(lambda: not h.status.watching("ETH-USD"))  # lingering: must cancel
+        assert await h.watch("ETH-USD") == SubscribeOutcome.ACCEPTED
+        assert h.status.watching("ETH-USD")
+        assert (await h.watch("NOPE-USD")).status == "rejected"
+        assert not h.status.watching("NOPE-USD")
+        h.sim.refuse_connections(5)
+        h.sim.drop_all()
+        await eventually(lambda: not h.status.connected)
+        assert not h.status.watching("BTC-USD")  # no connection: the Watch waits for one
+        await eventually(lambda: h.status.watching("BTC-USD"), timeout=60)
+        await h.mailbox.send(Drop(frozenset({"BTC-USD"})))
+        await eventually(lambda: not h.status.watching("BTC-USD"))  # dropped
+
+
+async def test_no_feed_running_watches_nothing() -> None:
+    assert not FeedStatus().watching("BTC-USD")

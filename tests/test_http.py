@@ -122,6 +122,9 @@ async def test_internal_error_is_opaque_and_logged(
         def product_state(self, symbol: str) -> str | None:
             raise RuntimeError("secret detail from deep inside")
 
+        def watching(self, symbol: str) -> bool:
+            raise RuntimeError("secret detail from deep inside")
+
     services = AppServices(
         settings=make_settings(),
         db=db,

@@ -33,6 +33,10 @@ class FeedReport(Protocol):
         """The product's state as ``snapshot`` shows it (None: not known to the feed)."""
         ...
 
+    def watching(self, symbol: str) -> bool:
+        """Whether the feed watches ``symbol`` so that a ``Watch`` would change nothing."""
+        ...
+
 
 @attrs.define
 class WsStats:

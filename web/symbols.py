@@ -3,9 +3,11 @@
 ``ensure_symbol`` is the single place where the create handler checks a symbol: first against
 Coinbase's product list (the catalog, ``actors/products.py``), so that a made-up symbol never
 reaches the feed (no subscribe, no per-product state, no log line); then it asks the feed
-(API.md "Beyond": wait at most 3 s for Coinbase's answer). While the list has never been read,
-the feed's answer alone decides, as before the catalog existed. An api process of a split
-deployment has no feed: until its list has been read, a create answers 503.
+(API.md "Beyond": wait at most 3 s for Coinbase's answer), unless the feed's status says it
+watches the symbol already and a ``Watch`` would change nothing (``FeedStatus.watching``).
+While the list has never been read, the feed's answer alone decides, as before the catalog
+existed. An api process of a split deployment has no feed: until its list has been read, a
+create answers 503.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ async def ensure_symbol(services: AppServices, symbol: str) -> None:
         if catalog is not None and catalog.known(symbol) is None and services.settings.split:
             raise SymbolUnchecked(symbol)
         return
+    if services.feed_status is not None and services.feed_status.watching(symbol):
+        return  # subscribed and kept so: asking would change nothing (actors/feed.py)
     try:
         outcome: SubscribeOutcome = await ask(
             services.feed, lambda reply: Watch(symbol, reply), timeout=SUBSCRIBE_WAIT_S
