@@ -41,7 +41,7 @@ from tickguard.domain import (
 )
 from tickguard.storage.db import Database
 from tickguard.storage.errors import IdempotencyKeyReused, OpenPositionLimit
-from tickguard.storage.rows import COLUMNS, P_COLUMNS, to_position
+from tickguard.storage.rows import COLUMNS, P_COLUMNS, POSITION_JSON, to_position
 from tickguard.storage.watermarks import advance
 from tickguard.wire import event_message
 
@@ -240,14 +240,58 @@ def _same_request(first: str | None, again: str | None) -> bool:
     return first is None or again is None or first == again
 
 
+# Columns of the close statement's rows: the position as ``COLUMNS`` (``to_position`` reads them
+# by place), then its event: id, seq, message.
+_EVENT_ID = len(COLUMNS.split(","))
+
+# One round of closes and their events in one statement (issue 16). The UPDATE is invariant 2's;
+# then, from what it closed: each user's counter moves on by their count (in user order, the
+# lock order of ``_write_events``); each event gets its user's next seq in position-id order,
+# an id drawn in that same order (so ids and each user's seqs rise together, as the outbox and
+# the log tail need), and its text, byte for byte what ``wire.event_message`` writes for the
+# row (``rows.POSITION_JSON``; tests compare the two). Python neither renders the messages nor
+# sends them back for an INSERT. No step joins two of these intermediate results (their row
+# counts are unknown to the planner, which then picks nested loops): the counters are read
+# from one JSON object (computed once), the counts through a window.
 _CLOSE_SQL = f"""
-UPDATE positions p
-   SET status = 'closed', close_price = c.price, close_reason = c.reason,
-       triggered_at = c.at, closed_at = now()
-  FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::timestamptz[], $5::text[])
-       AS c(id, price, reason, at, user_id)
- WHERE p.id = c.id AND p.status = 'open' AND (c.user_id IS NULL OR p.user_id = c.user_id)
-RETURNING {P_COLUMNS}
+WITH c AS (
+  SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::timestamptz[], $5::text[],
+                       $6::bool[], $7::bigint[])
+           AS c(id, price, reason, at, user_id, recovered, trade_id)
+), closed AS (
+  UPDATE positions p
+     SET status = 'closed', close_price = c.price, close_reason = c.reason,
+         triggered_at = c.at, closed_at = now()
+    FROM c
+   WHERE p.id = c.id AND p.status = 'open' AND (c.user_id IS NULL OR p.user_id = c.user_id)
+  RETURNING {P_COLUMNS}, c.recovered, c.trade_id
+), counters AS (
+  INSERT INTO user_seq (user_id, seq)
+  SELECT user_id, count(*) FROM closed GROUP BY user_id ORDER BY user_id
+  ON CONFLICT (user_id) DO UPDATE SET seq = user_seq.seq + EXCLUDED.seq
+  RETURNING user_id, seq
+), seq_map AS (
+  SELECT jsonb_object_agg(user_id, seq) AS seqs FROM counters
+), numbered AS (
+  SELECT x.*,
+         nextval(pg_get_serial_sequence('events', 'id')) AS event_id,
+         '{{"type":"position.closed","source":' || to_json($8::text)::text
+           || ',"seq":' || x.event_seq
+           || CASE WHEN x.recovered THEN ',"recovered":true' ELSE '' END
+           || ',"position":' || {POSITION_JSON} || '}}' AS message
+    FROM (SELECT closed.*,
+                 ((SELECT seqs FROM seq_map) ->> closed.user_id)::bigint
+                   - count(*) OVER same_user
+                   + row_number() OVER (same_user ORDER BY closed.id) AS event_seq
+            FROM closed
+          WINDOW same_user AS (PARTITION BY closed.user_id)
+           ORDER BY closed.user_id, closed.id) x
+), written AS (
+  INSERT INTO events (id, user_id, seq, type, position_id, message, source, trade_id)
+  SELECT event_id, user_id, event_seq, 'position.closed', id, message, $8::text, trade_id
+    FROM numbered
+)
+SELECT {COLUMNS}, event_id, event_seq, message FROM numbered ORDER BY event_id
 """
 
 
@@ -364,7 +408,7 @@ async def _close(
     watermarks: list[Watermark],
 ) -> tuple[list[CloseResult], list[Event]]:
     results: list[CloseResult | None] = [None] * len(orders)
-    closed_all: list[Position] = []
+    events: list[Event] = []
     for round_ in _rounds(orders):
         round_.sort(key=lambda item: item[1].position_id)  # a fixed row-lock order
         unique = [order for _, order in round_]
@@ -375,9 +419,18 @@ async def _close(
             [o.reason for o in unique],
             [o.triggered_at for o in unique],
             [o.user_id for o in unique],
+            [o.recovered for o in unique],
+            [o.trade_id for o in unique],
+            source,
         )
-        closed = {row["id"]: to_position(row) for row in rows}
-        closed_all += [closed[o.position_id] for o in unique if o.position_id in closed]
+        closed: dict[uuid.UUID, Position] = {}
+        for row in rows:
+            position = to_position(row)
+            closed[position.id] = position
+            event_id, seq, message = row[_EVENT_ID], row[_EVENT_ID + 1], row[_EVENT_ID + 2]
+            events.append(
+                Event(event_id, position.user_id, seq, "position.closed", message, position.id)
+            )
         missing = [o.position_id for o in unique if o.position_id not in closed]
         current: dict[uuid.UUID, Position] = {}
         if missing:
@@ -397,11 +450,6 @@ async def _close(
                 results[index] = CloseResult(pid, CloseOutcome.NOT_FOUND)
             else:
                 results[index] = CloseResult(pid, CloseOutcome.ALREADY_CLOSED, row)
-    recovered = {o.position_id for o in orders if o.recovered}
-    trade_ids = {o.position_id: o.trade_id for o in orders if o.trade_id is not None}
-    events = await _write_events(
-        conn, [("position.closed", source, p) for p in closed_all], recovered, trade_ids
-    )
     await advance(conn, watermarks)
     return [r for r in results if r is not None], events
 
