@@ -291,7 +291,7 @@ WITH c AS (
   SELECT event_id, user_id, event_seq, 'position.closed', id, message, $8::text, trade_id
     FROM numbered
 )
-SELECT {COLUMNS}, event_id, event_seq, message FROM numbered ORDER BY event_id
+SELECT {COLUMNS}, event_id, event_seq, message FROM numbered
 """
 
 
@@ -431,6 +431,7 @@ async def _close(
             events.append(
                 Event(event_id, position.user_id, seq, "position.closed", message, position.id)
             )
+        events.sort(key=_event_id)  # in id order: each user's seqs in order, as published
         missing = [o.position_id for o in unique if o.position_id not in closed]
         current: dict[uuid.UUID, Position] = {}
         if missing:
@@ -452,6 +453,10 @@ async def _close(
                 results[index] = CloseResult(pid, CloseOutcome.ALREADY_CLOSED, row)
     await advance(conn, watermarks)
     return [r for r in results if r is not None], events
+
+
+def _event_id(event: Event) -> int:
+    return event.id
 
 
 async def advance_watermarks(
