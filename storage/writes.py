@@ -42,7 +42,7 @@ from tickguard.domain import (
 from tickguard.storage.db import Database
 from tickguard.storage.errors import IdempotencyKeyReused, OpenPositionLimit
 from tickguard.storage.rows import COLUMNS, P_COLUMNS, POSITION_JSON, to_position
-from tickguard.storage.watermarks import advance
+from tickguard.storage.watermarks import ADVANCE_SQL, advance, latest
 from tickguard.wire import event_message
 
 
@@ -250,9 +250,12 @@ _EVENT_ID = len(COLUMNS.split(","))
 # an id drawn in that same order (so ids and each user's seqs rise together, as the outbox and
 # the log tail need), and its text, byte for byte what ``wire.event_message`` writes for the
 # row (``rows.POSITION_JSON``; tests compare the two). Python neither renders the messages nor
-# sends them back for an INSERT. No step joins two of these intermediate results (their row
+# sends them back for an INSERT. The watermarks the closes carry ($9-$11, issue 14) advance in
+# the same statement. No step joins two of these intermediate results (their row
 # counts are unknown to the planner, which then picks nested loops): the counters are read
 # from one JSON object (computed once), the counts through a window.
+_ADVANCE_STEP = ADVANCE_SQL.strip().replace("$1", "$9").replace("$2", "$10").replace("$3", "$11")
+
 _CLOSE_SQL = f"""
 WITH c AS (
   SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::timestamptz[], $5::text[],
@@ -290,6 +293,8 @@ WITH c AS (
   INSERT INTO events (id, user_id, seq, type, position_id, message, source, trade_id)
   SELECT event_id, user_id, event_seq, 'position.closed', id, message, $8::text, trade_id
     FROM numbered
+), marks AS (
+{_ADVANCE_STEP}
 )
 SELECT {COLUMNS}, event_id, event_seq, message FROM numbered
 """
@@ -349,9 +354,13 @@ async def close_positions(
     ``DatabaseUnavailable`` (the caller reports every id as FAILED and may retry them: a retry
     of a close that did commit answers ALREADY_CLOSED, and its event is in the outbox).
     """
-    if fence is None:
-        return await db.transaction(_close, list(orders), source, list(watermarks))
-    return await db.transaction(_fenced_close, list(orders), source, list(watermarks), fence)
+    if fence is not None:
+        return await db.transaction(_fenced_close, list(orders), source, list(watermarks), fence)
+    if len({o.position_id for o in orders}) == len(orders):
+        # One statement does it all, atomically: no BEGIN and COMMIT round trips around it
+        # (what it did not close is looked up after it, which a commit does not change).
+        return await db.run(_close, list(orders), source, list(watermarks))
+    return await db.transaction(_close, list(orders), source, list(watermarks))
 
 
 async def _fenced_close(
@@ -409,9 +418,12 @@ async def _close(
 ) -> tuple[list[CloseResult], list[Event]]:
     results: list[CloseResult | None] = [None] * len(orders)
     events: list[Event] = []
-    for round_ in _rounds(orders):
+    rounds = _rounds(orders) or [[]]
+    marks = latest(watermarks)
+    for number, round_ in enumerate(rounds, start=1):
         round_.sort(key=lambda item: item[1].position_id)  # a fixed row-lock order
         unique = [order for _, order in round_]
+        last = number == len(rounds)  # the watermarks go with the last round
         rows = await conn.fetch(
             _CLOSE_SQL,
             [o.position_id for o in unique],
@@ -422,6 +434,9 @@ async def _close(
             [o.recovered for o in unique],
             [o.trade_id for o in unique],
             source,
+            [m.symbol for m in marks] if last else [],
+            [m.trade_id for m in marks] if last else [],
+            [m.time for m in marks] if last else [],
         )
         closed: dict[uuid.UUID, Position] = {}
         for row in rows:
@@ -451,7 +466,6 @@ async def _close(
                 results[index] = CloseResult(pid, CloseOutcome.NOT_FOUND)
             else:
                 results[index] = CloseResult(pid, CloseOutcome.ALREADY_CLOSED, row)
-    await advance(conn, watermarks)
     return [r for r in results if r is not None], events
 
 
