@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import attrs
@@ -256,11 +257,21 @@ _EVENT_ID = len(COLUMNS.split(","))
 # from one JSON object (computed once), the counts through a window.
 _ADVANCE_STEP = ADVANCE_SQL.strip().replace("$1", "$9").replace("$2", "$10").replace("$3", "$11")
 
-_CLOSE_SQL = f"""
-WITH c AS (
+# The orders: arrays, one element per order; or, for the most common batch (one close, a tick
+# to close), one value each. A prepared statement's plan becomes generic after a few runs, and
+# a generic plan cannot know an array's length: for arrays it hashes the open positions (fine
+# for a cascade's thousands, about 1 ms for one order at 10,000 open), while the one-row form
+# always finds its row through the primary key.
+_ORDERS = """
   SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::timestamptz[], $5::text[],
                        $6::bool[], $7::bigint[])
-           AS c(id, price, reason, at, user_id, recovered, trade_id)
+           AS c(id, price, reason, at, user_id, recovered, trade_id)"""
+_ONE_ORDER = """
+  SELECT $1::uuid AS id, $2::numeric AS price, $3::text AS reason, $4::timestamptz AS at,
+         $5::text AS user_id, $6::bool AS recovered, $7::bigint AS trade_id"""
+
+_CLOSE_SQL = f"""
+WITH c AS ({{orders}}
 ), closed AS (
   UPDATE positions p
      SET status = 'closed', close_price = c.price, close_reason = c.reason,
@@ -298,6 +309,8 @@ WITH c AS (
 )
 SELECT {COLUMNS}, event_id, event_seq, message FROM numbered
 """
+_CLOSE_MANY_SQL = _CLOSE_SQL.replace("{orders}", _ORDERS)
+_CLOSE_ONE_SQL = _CLOSE_SQL.replace("{orders}", _ONE_ORDER)
 
 
 @attrs.frozen
@@ -424,8 +437,7 @@ async def _close(
         round_.sort(key=lambda item: item[1].position_id)  # a fixed row-lock order
         unique = [order for _, order in round_]
         last = number == len(rounds)  # the watermarks go with the last round
-        rows = await conn.fetch(
-            _CLOSE_SQL,
+        columns: tuple[Any, ...] = (
             [o.position_id for o in unique],
             [o.price for o in unique],
             [o.reason for o in unique],
@@ -433,6 +445,13 @@ async def _close(
             [o.user_id for o in unique],
             [o.recovered for o in unique],
             [o.trade_id for o in unique],
+        )
+        statement = _CLOSE_MANY_SQL
+        if len(unique) == 1:
+            statement, columns = _CLOSE_ONE_SQL, tuple(column[0] for column in columns)
+        rows = await conn.fetch(
+            statement,
+            *columns,
             source,
             [m.symbol for m in marks] if last else [],
             [m.trade_id for m in marks] if last else [],
@@ -534,10 +553,12 @@ async def warm_up(conn: asyncpg.Connection) -> None:
         triggered_at=now,
     )
     order = CloseOrder(ghost.id, Decimal(1), "stop_loss", triggered_at=now)
+    other = CloseOrder(uuid.uuid4(), Decimal(1), "stop_loss", triggered_at=now)
     transaction = conn.transaction()
     await transaction.start()
     try:
-        await _close(conn, [order], "engine", [])
+        await _close(conn, [order], "engine", [])  # the one-order statement
+        await _close(conn, [order, other], "engine", [])  # and the one for several
         events = await _write_events(conn, [("position.closed", "engine", ghost)])
         await advance(conn, [Watermark(ghost.symbol, 0, now)])
         await conn.execute(_MARK_PUBLISHED_SQL, [e.id for e in events])

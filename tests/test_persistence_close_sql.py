@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from tickguard.domain import CloseOrder, CloseOutcome, Event, NewPosition
+from tickguard.domain import CloseOrder, CloseOutcome, Event, NewPosition, Watermark
 from tickguard.storage import Database, writes
 from tickguard.wire import event_message
 
@@ -132,3 +132,30 @@ def _assert_numbered(events: list[Event], *, first_seq: int) -> None:
     for user_events in by_user.values():
         seqs = [e.seq for e in user_events]
         assert seqs == list(range(first_seq, first_seq + len(seqs)))
+
+
+async def test_one_close_alone_uses_its_own_statement_and_writes_the_same(db: Database) -> None:
+    """A batch of one order (a tick's close) goes through the one-row form of the statement:
+    the same outcome, message, seq and columns as in a batch, watermark included."""
+    opened = await _open(db, n_per_user=1)
+    at = datetime(2026, 12, 2, 10, 15, 30, 999999, tzinfo=UTC)
+    for i, (pid, user, stop) in enumerate(opened):
+        recovered = i % 2 == 0
+        order = CloseOrder(pid, stop, "stop_loss", triggered_at=at, recovered=recovered, trade_id=i)
+        mark = Watermark("BTC-USD", 100 + i, at)
+        [result], [event] = await writes.close_positions(
+            db, [order], source="engine", watermarks=[mark]
+        )
+        assert result.outcome is CloseOutcome.CLOSED and result.position is not None
+        assert event.message == event_message(
+            "position.closed", "engine", event.seq, result.position, recovered=recovered
+        )
+        assert event.user_id == user and event.position_id == pid
+        row = await db.fetchrow("SELECT seq, trade_id, source FROM events WHERE id = $1", event.id)
+        assert (row["seq"], row["trade_id"], row["source"]) == (event.seq, i, "engine")
+        watermark = await db.fetchval(
+            "SELECT last_trade_id FROM watermarks WHERE symbol = 'BTC-USD'"
+        )
+        assert watermark == 100 + i
+    [again], events = await writes.close_positions(db, [order], source="engine")
+    assert again.outcome is CloseOutcome.ALREADY_CLOSED and events == []
