@@ -379,16 +379,17 @@ def _orders(
     ``gap_fill="trade"`` closes at that trade's price, the first beyond the level. A recovered
     candle (count 0: no trade of its own, actors/recovery.py) closes at the level."""
     at_trade = window.recovered and gap_fill == "trade" and window.count == 1
+    at, recovered = window.last_time, window.recovered
+    # A recovered candle has no trade of its own (its id is the trade before it).
+    trade_id = window.last_trade_id if window.count else None
+    if at_trade:
+        return [
+            CloseOrder(t.position_id, window.last, t.reason, None, at, recovered, trade_id)
+            for t in triggers
+        ]
+    # Positional: a cascade builds 10,000 of these before its first request leaves.
     return [
-        CloseOrder(
-            t.position_id,
-            price=window.last if at_trade else t.price,
-            reason=t.reason,
-            triggered_at=window.last_time,
-            recovered=window.recovered,
-            # A recovered candle has no trade of its own (its id is the trade before it).
-            trade_id=window.last_trade_id if window.count else None,
-        )
+        CloseOrder(t.position_id, t.price, t.reason, None, at, recovered, trade_id)
         for t in triggers
     ]
 
