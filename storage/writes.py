@@ -530,11 +530,13 @@ async def positions_by_id(db: Database, ids: Sequence[uuid.UUID]) -> list[Positi
 
 async def warm_up(conn: asyncpg.Connection) -> None:
     """Run every statement of a close on ``conn`` and roll it all back: asyncpg then holds them
-    prepared (its statement cache) with their types introspected, so the first close after
-    start-up pays no parse, plan or type look-up. Changes nothing: one close of an id that does
-    not exist (the UPDATE, then the look-up of what it did not close), the event and counter
-    inserts of a made-up closed position, a watermark of a made-up symbol and the outbox mark,
-    all in a transaction that is rolled back (only the events id sequence moves on)."""
+    prepared (its statement cache) with their types introspected, and this server process has
+    run them on real rows (the ``updated_at`` trigger compiled, the indexes' paths taken), so
+    the first close after start-up pays no parse, plan, type look-up or first-run cost.
+    Changes nothing: two made-up open positions are inserted and closed (one alone, one with an
+    id that does not exist: both forms of the close statement, and the look-up of what it did
+    not close), then the created-event insert, a watermark of a made-up symbol and the outbox
+    mark, all in a transaction that is rolled back (only the id sequences move on)."""
     now = datetime.now(UTC)
     ghost = Position(
         id=uuid.uuid4(),
@@ -543,23 +545,33 @@ async def warm_up(conn: asyncpg.Connection) -> None:
         side="long",
         entry_price=Decimal(1),
         take_profit=None,
-        stop_loss=Decimal(1),
-        status="closed",
-        close_price=Decimal(1),
-        close_reason="stop_loss",
+        stop_loss=Decimal("0.5"),
+        status="open",
+        close_price=None,
+        close_reason=None,
         created_at=now,
         updated_at=now,
-        closed_at=now,
-        triggered_at=now,
+        closed_at=None,
     )
-    order = CloseOrder(ghost.id, Decimal(1), "stop_loss", triggered_at=now)
-    other = CloseOrder(uuid.uuid4(), Decimal(1), "stop_loss", triggered_at=now)
+    twin = attrs.evolve(ghost, id=uuid.uuid4())
+    order = CloseOrder(ghost.id, Decimal("0.5"), "stop_loss", triggered_at=now, trade_id=0)
+    pair = [
+        CloseOrder(twin.id, Decimal("0.5"), "stop_loss", triggered_at=now, trade_id=0),
+        CloseOrder(uuid.uuid4(), Decimal("0.5"), "stop_loss", triggered_at=now),
+    ]
     transaction = conn.transaction()
     await transaction.start()
     try:
+        await conn.execute(
+            """INSERT INTO positions (id, user_id, symbol, side, entry_price, stop_loss)
+               SELECT id, $2, $3, 'long', 1, 0.5 FROM unnest($1::uuid[]) AS g(id)""",
+            [ghost.id, twin.id],
+            ghost.user_id,
+            ghost.symbol,
+        )
         await _close(conn, [order], "engine", [])  # the one-order statement
-        await _close(conn, [order, other], "engine", [])  # and the one for several
-        events = await _write_events(conn, [("position.closed", "engine", ghost)])
+        await _close(conn, pair, "engine", [])  # and the one for several
+        events = await _write_events(conn, [("position.created", "api", ghost)])
         await advance(conn, [Watermark(ghost.symbol, 0, now)])
         await conn.execute(_MARK_PUBLISHED_SQL, [e.id for e in events])
     finally:
