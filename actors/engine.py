@@ -199,6 +199,12 @@ async def _take_windows(slot: WindowSlot, engine: _Engine) -> None:
         engine.judge(await slot.take())
 
 
+# Messages the inbox task handles in a row without a schedule point: persistence sends an
+# Untrack for every close, so a cascade's come by the thousand, and each ``receive`` would be
+# one trip through the scheduler. Bounded, so that windows are still taken in between.
+INBOX_DRAIN = 512
+
+
 async def _follow_inbox(
     inbox: Mailbox[Track | Untrack],
     slot: WindowSlot,
@@ -206,29 +212,44 @@ async def _follow_inbox(
     feed: Mailbox[FeedCommand] | None,
 ) -> None:
     while True:
-        message = await inbox.receive()
-        # The feed keeps a symbol subscribed while its engine watches anything: the last close
-        # lets it go (after the feed's linger), the next Track brings it back. Both come through
-        # this one inbox, in order, so a create racing the unsubscribe is never lost.
-        was_idle = engine.idle()
-        if isinstance(message, Track):
-            # Invariant 10: the pending window holds prices from before this position existed;
-            # judge it against the positions that were already there, then insert.
-            while (pending := slot.take_nowait()) is not None:
-                engine.judge(pending)
-            # A gap recovery still running holds windows of older prices back: the position
-            # joins the index once they (and everything queued before it) are judged.
-            position = message.position
-            if slot.then(functools.partial(engine.watch_deferred, position.id)):
-                engine.defer(position)
-            elif not engine.catch_up(position):
-                engine.watch(position)
-        elif isinstance(message, Untrack):
-            engine.unwatch(message.position_id)
-        else:
-            log.error("engine %s: ignoring unexpected message %r", engine.symbol, message)
-        if feed is not None and was_idle != engine.idle():
-            feed.send_nowait(Unwatch(engine.symbol) if engine.idle() else Watch(engine.symbol))
+        _follow(await inbox.receive(), slot, engine, feed)
+        for _ in range(INBOX_DRAIN):
+            try:
+                message = inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            _follow(message, slot, engine, feed)
+
+
+def _follow(
+    message: Track | Untrack,
+    slot: WindowSlot,
+    engine: _Engine,
+    feed: Mailbox[FeedCommand] | None,
+) -> None:
+    """One Track or Untrack (synchronous: nothing runs in between, as if received alone)."""
+    # The feed keeps a symbol subscribed while its engine watches anything: the last close
+    # lets it go (after the feed's linger), the next Track brings it back. Both come through
+    # this one inbox, in order, so a create racing the unsubscribe is never lost.
+    was_idle = engine.idle()
+    if isinstance(message, Track):
+        # Invariant 10: the pending window holds prices from before this position existed;
+        # judge it against the positions that were already there, then insert.
+        while (pending := slot.take_nowait()) is not None:
+            engine.judge(pending)
+        # A gap recovery still running holds windows of older prices back: the position
+        # joins the index once they (and everything queued before it) are judged.
+        position = message.position
+        if slot.then(functools.partial(engine.watch_deferred, position.id)):
+            engine.defer(position)
+        elif not engine.catch_up(position):
+            engine.watch(position)
+    elif isinstance(message, Untrack):
+        engine.unwatch(message.position_id)
+    else:
+        log.error("engine %s: ignoring unexpected message %r", engine.symbol, message)
+    if feed is not None and was_idle != engine.idle():
+        feed.send_nowait(Unwatch(engine.symbol) if engine.idle() else Watch(engine.symbol))
 
 
 class _Engine:
@@ -322,10 +343,11 @@ class _Engine:
 
     def unwatch(self, position_id: uuid.UUID) -> None:
         """The position closed by some path: stop watching it and drop any retry of its close."""
-        self._index.remove(position_id)
-        self._deferred.pop(position_id, None)
+        if self._index.remove(position_id):
+            self._stats.positions_open = len(self._index)
+        if self._deferred:
+            self._deferred.pop(position_id, None)
         self._closer.forget(position_id)
-        self._stats.positions_open = len(self._index)
 
     def judge(self, window: TickWindow, *, created_before: datetime | None = None) -> None:
         """Judge one window and hand what it triggered to the closer, as one batch."""
@@ -357,16 +379,17 @@ def _orders(
     ``gap_fill="trade"`` closes at that trade's price, the first beyond the level. A recovered
     candle (count 0: no trade of its own, actors/recovery.py) closes at the level."""
     at_trade = window.recovered and gap_fill == "trade" and window.count == 1
+    at, recovered = window.last_time, window.recovered
+    # A recovered candle has no trade of its own (its id is the trade before it).
+    trade_id = window.last_trade_id if window.count else None
+    if at_trade:
+        return [
+            CloseOrder(t.position_id, window.last, t.reason, None, at, recovered, trade_id)
+            for t in triggers
+        ]
+    # Positional: a cascade builds 10,000 of these before its first request leaves.
     return [
-        CloseOrder(
-            t.position_id,
-            price=window.last if at_trade else t.price,
-            reason=t.reason,
-            triggered_at=window.last_time,
-            recovered=window.recovered,
-            # A recovered candle has no trade of its own (its id is the trade before it).
-            trade_id=window.last_trade_id if window.count else None,
-        )
+        CloseOrder(t.position_id, t.price, t.reason, None, at, recovered, trade_id)
         for t in triggers
     ]
 
@@ -434,6 +457,9 @@ class _Closer:
         A close in flight is left to its reply; if that reply is FAILED, the retry is
         answered already_closed, which is harmless.
         """
+        # Most calls find nothing (the Untrack of a close this closer sent): no count then.
+        if not (self._ready or self._waiting or self._attempts):
+            return
         self._ready.pop(position_id, None)
         self._waiting.pop(position_id, None)
         self._attempts.pop(position_id, None)

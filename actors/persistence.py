@@ -7,10 +7,12 @@ fewer, larger transactions. A reply always means "committed" (or is an error / F
 
 After a commit it hands the committed events to fanout in commit order, then tells the symbol's
 engine (``Track`` after the created event is queued, invariant 9; ``Untrack`` on every close),
-answers the requests, and marks the events published. On start, and after any database error
-(the commit may have happened with its acknowledgement lost), it first publishes every event
-still marked unpublished, so no committed event is lost; fanout drops an event it already
-delivered (by per-user ``seq``), so none is delivered twice.
+answers the requests, and has the events marked published (in the background: a task of its
+own marks everything published meanwhile in one statement, so the next transaction never waits
+for it; a mark not written only republishes those events, which fanout drops). On start, and
+after any database error (the commit may have happened with its acknowledgement lost), it first
+publishes every event still marked unpublished, so no committed event is lost; fanout drops an
+event it already delivered (by per-user ``seq``), so none is delivered twice.
 
 It never waits on a WebSocket, an engine or the feed: fanout and engine mailboxes are unbounded.
 
@@ -123,9 +125,11 @@ async def run(
     async with trio.open_nursery() as nursery:
         if config.event_retention is not None:
             nursery.start_soon(prune_event_log, db, config, stats)
+        nursery.start_soon(actor.mark_forever)
         task_status.started()
         while True:
             if stopping is not None and stopping.is_set() and inbox.pending() == 0:
+                await actor.flush_marks()
                 nursery.cancel_scope.cancel()
                 return
             batch = await actor.next_batch(stopping)
@@ -173,7 +177,11 @@ class _Persistence:
         self.stats = stats
         self.faults = faults
         self.outbox_dirty = False
+        # Events handed to fanout, not yet marked published: ``mark_forever`` marks them in the
+        # background, so the next transaction never waits for that round trip.
         self.unmarked: list[int] = []
+        self._marks_due = trio.Event()
+        self._marking = trio.Lock()
 
     async def next_batch(self, stopping: trio.Event | None) -> list[PersistenceRequest]:
         """Wait for one request (or for ``stopping``), then take whatever else is queued."""
@@ -201,7 +209,7 @@ class _Persistence:
         return batch
 
     async def handle(self, batch: list[PersistenceRequest]) -> None:
-        if self.outbox_dirty or self.unmarked:
+        if self.outbox_dirty:
             await self.recover_outbox_quietly()
         creates = [r for r in batch if isinstance(r, CreateRequest)]
         closes = [r for r in batch if isinstance(r, CloseRequest)]
@@ -347,16 +355,33 @@ class _Persistence:
             self.fanout.send_nowait(event)
 
     async def mark(self, events: Sequence[Event]) -> None:
-        self.unmarked += [e.id for e in events]
+        """Queue published events to be marked published (``mark_forever`` writes it)."""
         await fault_points.hit(self.faults, "persistence.before_mark_published")
-        try:
-            await writes.mark_published(self.db, self.unmarked)
-        except DatabaseUnavailable as exc:
-            # They stay unpublished in the database; a later recovery republishes them, and
-            # fanout drops what it already delivered.
-            self.database_failed(exc)
-            return
-        self.unmarked = []
+        if events:
+            self.unmarked += [e.id for e in events]
+            self._marks_due.set()
+
+    async def mark_forever(self) -> None:
+        """Mark what ``mark`` queued, everything queued so far in one statement, until
+        cancelled (a mark lost that way only republishes those events after a restart, and
+        fanout or the session's seq floor drops them)."""
+        while True:
+            await self._marks_due.wait()
+            self._marks_due = trio.Event()
+            await self.flush_marks()
+
+    async def flush_marks(self) -> None:
+        """Mark every queued event published; returns once none is queued or in flight. When
+        the database is away they stay unpublished there: the next request recovers the
+        outbox (republishes and marks them; fanout drops what it already delivered)."""
+        async with self._marking:
+            ids, self.unmarked = self.unmarked, []
+            if not ids:
+                return
+            try:
+                await writes.mark_published(self.db, ids)
+            except DatabaseUnavailable as exc:
+                self.database_failed(exc)
 
     def committed(self, requests: int) -> None:
         self.stats.transactions += 1

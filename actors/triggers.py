@@ -12,6 +12,7 @@ window's last trade (``created_at > window.last_time``) is not judged by that wi
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -49,24 +50,14 @@ class _Watched:
     created_at: datetime
 
 
-class _AfterEveryId:
-    """Sorts after every position id, so ``(level, AFTER)`` sits after all entries at ``level``.
+# Entries of the four indexes: (level, the id as an int, the id). The int breaks ties, so removing
+# one of many positions at the same level stays O(log n), and every comparison of two entries
+# runs in C (two UUIDs compare through Python's ``UUID.__lt__``: 10,000 stops at one level spent
+# most of a cascade's judging there). It is the UUID's own ``int`` attribute: no new object.
+_Entry = tuple[Decimal, int, uuid.UUID]
 
-    UUID comparisons with a foreign type return NotImplemented, so Python asks this object.
-    """
-
-    def __lt__(self, other: object) -> bool:
-        return False
-
-    def __gt__(self, other: object) -> bool:
-        return True
-
-
-_AFTER = _AfterEveryId()
-
-# Entries of the four indexes: (level, position_id). The id breaks ties, so removing one of many
-# positions at the same level stays O(log n).
-_Entry = tuple[Decimal, uuid.UUID]
+# Sorts after every entry at its level: (level, inf) > (level, any int, ...).
+_AFTER = math.inf
 
 
 class TriggerIndex:
@@ -104,10 +95,11 @@ class TriggerIndex:
         self.remove(position.id)
         self._watched[position.id] = watched
         sl_list, tp_list = self._lists_for(watched.side)
+        key = position.id.int
         if watched.stop_loss is not None:
-            sl_list.add((watched.stop_loss, watched.position_id))
+            sl_list.add((watched.stop_loss, key, position.id))
         if watched.take_profit is not None:
-            tp_list.add((watched.take_profit, watched.position_id))
+            tp_list.add((watched.take_profit, key, position.id))
 
     def add_many(self, positions: Iterable[Position]) -> None:
         """``add`` for a whole load (an engine's start): sorts each index once instead of
@@ -130,9 +122,9 @@ class TriggerIndex:
                 (long_sl, long_tp) if w.side == "long" else (short_sl, short_tp)
             )
             if w.stop_loss is not None:
-                sl_entries.append((w.stop_loss, w.position_id))
+                sl_entries.append((w.stop_loss, w.position_id.int, w.position_id))
             if w.take_profit is not None:
-                tp_entries.append((w.take_profit, w.position_id))
+                tp_entries.append((w.take_profit, w.position_id.int, w.position_id))
         self._watched.update(latest)
         self._long_sl.update(long_sl)
         self._long_tp.update(long_tp)
@@ -147,9 +139,9 @@ class TriggerIndex:
             return False
         sl_list, tp_list = self._lists_for(watched.side)
         if watched.stop_loss is not None:
-            sl_list.remove((watched.stop_loss, position_id))
+            sl_list.remove((watched.stop_loss, position_id.int, position_id))
         if watched.take_profit is not None:
-            tp_list.remove((watched.take_profit, position_id))
+            tp_list.remove((watched.take_profit, position_id.int, position_id))
         return True
 
     def judge(self, window: TickWindow, *, created_before: datetime | None = None) -> list[Trigger]:
@@ -160,33 +152,65 @@ class TriggerIndex:
         position is gone from the index until someone adds it again. ``created_before``
         narrows the window to positions created before that time (an engine's start-up backlog,
         whose extremes may be older than a position loaded just now).
+
+        Removal is in bulk: each list's crossed range is one contiguous slice, deleted at once
+        (the s too new ones go back in); then each triggered position's entry on its other
+        list, where the window did not cross it, a list at a time.
         """
         cutoff = window.last_time if created_before is None else created_before
         low, high = window.low, window.high
-        stops: dict[uuid.UUID, Trigger] = {}
-        takes: dict[uuid.UUID, Trigger] = {}
-        self._hits(_from_low(self._long_sl, low), cutoff, "stop_loss", stops)
-        self._hits(_to_high(self._short_sl, high), cutoff, "stop_loss", stops)
-        self._hits(_to_high(self._long_tp, high), cutoff, "take_profit", takes)
-        self._hits(_from_low(self._short_tp, low), cutoff, "take_profit", takes)
-        triggers = list(stops.values())
-        triggers.extend(t for pid, t in takes.items() if pid not in stops)  # stop loss wins
-        for trigger in triggers:
-            self.remove(trigger.position_id)
+        triggers: list[Trigger] = []
+        # Stop losses first: a position that both of its lists trigger is already gone from
+        # ``_watched`` when its take-profit entry comes up, so it closes as a stop loss.
+        lsl, ssl, ltp, stp = self._long_sl, self._short_sl, self._long_tp, self._short_tp
+        long_stops = self._take(lsl, _from_low(lsl, low), cutoff, "stop_loss", triggers)
+        short_stops = self._take(ssl, _to_high(ssl, high), cutoff, "stop_loss", triggers)
+        long_takes = self._take(ltp, _to_high(ltp, high), cutoff, "take_profit", triggers)
+        short_takes = self._take(stp, _from_low(stp, low), cutoff, "take_profit", triggers)
+        # The other entry of each: a stop's take-profit outside the crossed range, and every
+        # take's stop loss (one the window crossed would have made it a stop).
+        _remove_all(ltp, [_tp(w) for w in long_stops if _above(w.take_profit, high)])
+        _remove_all(stp, [_tp(w) for w in short_stops if _below(w.take_profit, low)])
+        _remove_all(lsl, [_sl(w) for w in long_takes if w.stop_loss is not None])
+        _remove_all(ssl, [_sl(w) for w in short_takes if w.stop_loss is not None])
         return triggers
 
-    def _hits(
+    def _take(
         self,
-        entries: Iterable[_Entry],
+        entries: SortedList,
+        crossed: tuple[int, int],
         cutoff: datetime,
         reason: TriggerReason,
-        into: dict[uuid.UUID, Trigger],
-    ) -> None:
-        for level, position_id in entries:
-            watched = self._watched[position_id]
-            if watched.created_at > cutoff:
-                continue  # invariant 10: this window's trades are all older than the position
-            into[position_id] = Trigger(position_id, watched.user_id, reason, level)
+        into: list[Trigger],
+    ) -> list[_Watched]:
+        """Judge ``entries[start:stop]`` (the range the window crossed): append a ``Trigger``
+        to ``into`` for each position it closes, stop watching those, and delete the range in
+        one slice, putting back the positions too new to judge. Returns the closed positions.
+
+        An entry whose position is no longer watched was closed by this same window through
+        its other list (a stop loss, judged first): it goes with the slice, with no trigger.
+        """
+        start, stop = crossed
+        if start >= stop:
+            return []
+        watched = self._watched
+        closed: list[_Watched] = []
+        kept: list[_Entry] = []
+        for entry in entries[start:stop]:
+            level, _, position_id = entry
+            w = watched.pop(position_id, None)
+            if w is None:
+                continue  # stopped by this window a moment ago
+            if w.created_at > cutoff:
+                watched[position_id] = w  # invariant 10: the window's trades are all older
+                kept.append(entry)
+                continue
+            into.append(Trigger(position_id, w.user_id, reason, level))
+            closed.append(w)
+        if len(kept) < stop - start:
+            del entries[start:stop]
+            entries.update(kept)
+        return closed
 
     def _lists_for(self, side: Side) -> tuple[SortedList, SortedList]:
         """(stop-loss list, take-profit list) of one side."""
@@ -227,20 +251,57 @@ def _watch(position: Position) -> _Watched:
     )
 
 
-def _from_low(entries: SortedList, low: Decimal) -> Iterable[_Entry]:
-    """Entries with level >= low; the last-entry check makes the common no-hit case O(1)."""
+def _remove_all(entries: SortedList, doomed: list[_Entry]) -> None:
+    """Remove these entries (all present): one by one when they are few, else by rebuilding the
+    list without them, which costs O(len(entries)) = O(8 * len(doomed)) at most."""
+    if not doomed:
+        return
+    if len(doomed) * 8 < len(entries):
+        for entry in doomed:
+            entries.remove(entry)
+        return
+    gone = {entry[2] for entry in doomed}
+    rest = [entry for entry in entries if entry[2] not in gone]
+    entries.clear()
+    entries.update(rest)  # already sorted: one pass of C comparisons
+
+
+def _sl(w: _Watched) -> _Entry:
+    assert w.stop_loss is not None
+    return (w.stop_loss, w.position_id.int, w.position_id)
+
+
+def _tp(w: _Watched) -> _Entry:
+    assert w.take_profit is not None
+    return (w.take_profit, w.position_id.int, w.position_id)
+
+
+def _above(level: Decimal | None, high: Decimal) -> bool:
+    """A level the window's high did not reach (outside ``_to_high``'s range)."""
+    return level is not None and level > high
+
+
+def _below(level: Decimal | None, low: Decimal) -> bool:
+    """A level the window's low did not reach (outside ``_from_low``'s range)."""
+    return level is not None and level < low
+
+
+def _from_low(entries: SortedList, low: Decimal) -> tuple[int, int]:
+    """The index range of entries with level >= low; the last-entry check makes the common
+    no-hit case O(1)."""
     if not entries or entries[-1][0] < low:
-        return ()
-    hits: Iterable[_Entry] = entries.irange(minimum=(low,))  # sortedcontainers is untyped
-    return hits
+        return 0, 0
+    start: int = entries.bisect_left((low,))  # sortedcontainers is untyped
+    return start, len(entries)
 
 
-def _to_high(entries: SortedList, high: Decimal) -> Iterable[_Entry]:
-    """Entries with level <= high; the first-entry check makes the common no-hit case O(1)."""
+def _to_high(entries: SortedList, high: Decimal) -> tuple[int, int]:
+    """The index range of entries with level <= high; the first-entry check makes the common
+    no-hit case O(1)."""
     if not entries or entries[0][0] > high:
-        return ()
-    hits: Iterable[_Entry] = entries.irange(maximum=(high, _AFTER))
-    return hits
+        return 0, 0
+    stop: int = entries.bisect_right((high, _AFTER))
+    return 0, stop
 
 
 def judge_linear(positions: Iterable[Position], window: TickWindow) -> list[Trigger]:

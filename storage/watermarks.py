@@ -13,7 +13,9 @@ import asyncpg
 from tickguard.domain import Watermark
 from tickguard.storage.db import Reader
 
-_ADVANCE_SQL = """
+# Also a step of the close statement (storage/writes.py), so that a close and its watermark are
+# one statement: parameters $1-$3 there become that statement's own.
+ADVANCE_SQL = """
 INSERT INTO watermarks (symbol, last_trade_id, last_trade_time)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[])
 ON CONFLICT (symbol) DO UPDATE
@@ -38,7 +40,7 @@ async def advance(conn: asyncpg.Connection, marks: Sequence[Watermark]) -> None:
     rows = latest(marks)
     if rows:
         await conn.execute(
-            _ADVANCE_SQL,
+            ADVANCE_SQL,
             [m.symbol for m in rows],
             [m.trade_id for m in rows],
             [m.time for m in rows],

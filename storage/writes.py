@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import attrs
@@ -41,8 +42,8 @@ from tickguard.domain import (
 )
 from tickguard.storage.db import Database
 from tickguard.storage.errors import IdempotencyKeyReused, OpenPositionLimit
-from tickguard.storage.rows import COLUMNS, P_COLUMNS, to_position
-from tickguard.storage.watermarks import advance
+from tickguard.storage.rows import COLUMNS, P_COLUMNS, POSITION_JSON, to_position
+from tickguard.storage.watermarks import ADVANCE_SQL, advance, latest
 from tickguard.wire import event_message
 
 
@@ -240,15 +241,76 @@ def _same_request(first: str | None, again: str | None) -> bool:
     return first is None or again is None or first == again
 
 
+# Columns of the close statement's rows: the position as ``COLUMNS`` (``to_position`` reads them
+# by place), then its event: id, seq, message.
+_EVENT_ID = len(COLUMNS.split(","))
+
+# One round of closes and their events in one statement (issue 16). The UPDATE is invariant 2's;
+# then, from what it closed: each user's counter moves on by their count (in user order, the
+# lock order of ``_write_events``); each event gets its user's next seq in position-id order,
+# an id drawn in that same order (so ids and each user's seqs rise together, as the outbox and
+# the log tail need), and its text, byte for byte what ``wire.event_message`` writes for the
+# row (``rows.POSITION_JSON``; tests compare the two). Python neither renders the messages nor
+# sends them back for an INSERT. The watermarks the closes carry ($9-$11, issue 14) advance in
+# the same statement. No step joins two of these intermediate results (their row
+# counts are unknown to the planner, which then picks nested loops): the counters are read
+# from one JSON object (computed once), the counts through a window.
+_ADVANCE_STEP = ADVANCE_SQL.strip().replace("$1", "$9").replace("$2", "$10").replace("$3", "$11")
+
+# The orders: arrays, one element per order; or, for the most common batch (one close, a tick
+# to close), one value each. A prepared statement's plan becomes generic after a few runs, and
+# a generic plan cannot know an array's length: for arrays it hashes the open positions (fine
+# for a cascade's thousands, about 1 ms for one order at 10,000 open), while the one-row form
+# always finds its row through the primary key.
+_ORDERS = """
+  SELECT * FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::timestamptz[], $5::text[],
+                       $6::bool[], $7::bigint[])
+           AS c(id, price, reason, at, user_id, recovered, trade_id)"""
+_ONE_ORDER = """
+  SELECT $1::uuid AS id, $2::numeric AS price, $3::text AS reason, $4::timestamptz AS at,
+         $5::text AS user_id, $6::bool AS recovered, $7::bigint AS trade_id"""
+
 _CLOSE_SQL = f"""
-UPDATE positions p
-   SET status = 'closed', close_price = c.price, close_reason = c.reason,
-       triggered_at = c.at, closed_at = now()
-  FROM unnest($1::uuid[], $2::numeric[], $3::text[], $4::timestamptz[], $5::text[])
-       AS c(id, price, reason, at, user_id)
- WHERE p.id = c.id AND p.status = 'open' AND (c.user_id IS NULL OR p.user_id = c.user_id)
-RETURNING {P_COLUMNS}
+WITH c AS ({{orders}}
+), closed AS (
+  UPDATE positions p
+     SET status = 'closed', close_price = c.price, close_reason = c.reason,
+         triggered_at = c.at, closed_at = now()
+    FROM c
+   WHERE p.id = c.id AND p.status = 'open' AND (c.user_id IS NULL OR p.user_id = c.user_id)
+  RETURNING {P_COLUMNS}, c.recovered, c.trade_id
+), counters AS (
+  INSERT INTO user_seq (user_id, seq)
+  SELECT user_id, count(*) FROM closed GROUP BY user_id ORDER BY user_id
+  ON CONFLICT (user_id) DO UPDATE SET seq = user_seq.seq + EXCLUDED.seq
+  RETURNING user_id, seq
+), seq_map AS (
+  SELECT jsonb_object_agg(user_id, seq) AS seqs FROM counters
+), numbered AS (
+  SELECT x.*,
+         nextval(pg_get_serial_sequence('events', 'id')) AS event_id,
+         '{{"type":"position.closed","source":' || to_json($8::text)::text
+           || ',"seq":' || x.event_seq
+           || CASE WHEN x.recovered THEN ',"recovered":true' ELSE '' END
+           || ',"position":' || {POSITION_JSON} || '}}' AS message
+    FROM (SELECT closed.*,
+                 ((SELECT seqs FROM seq_map) ->> closed.user_id)::bigint
+                   - count(*) OVER same_user
+                   + row_number() OVER (same_user ORDER BY closed.id) AS event_seq
+            FROM closed
+          WINDOW same_user AS (PARTITION BY closed.user_id)
+           ORDER BY closed.user_id, closed.id) x
+), written AS (
+  INSERT INTO events (id, user_id, seq, type, position_id, message, source, trade_id)
+  SELECT event_id, user_id, event_seq, 'position.closed', id, message, $8::text, trade_id
+    FROM numbered
+), marks AS (
+{_ADVANCE_STEP}
+)
+SELECT {COLUMNS}, event_id, event_seq, message FROM numbered
 """
+_CLOSE_MANY_SQL = _CLOSE_SQL.replace("{orders}", _ORDERS)
+_CLOSE_ONE_SQL = _CLOSE_SQL.replace("{orders}", _ONE_ORDER)
 
 
 @attrs.frozen
@@ -305,9 +367,13 @@ async def close_positions(
     ``DatabaseUnavailable`` (the caller reports every id as FAILED and may retry them: a retry
     of a close that did commit answers ALREADY_CLOSED, and its event is in the outbox).
     """
-    if fence is None:
-        return await db.transaction(_close, list(orders), source, list(watermarks))
-    return await db.transaction(_fenced_close, list(orders), source, list(watermarks), fence)
+    if fence is not None:
+        return await db.transaction(_fenced_close, list(orders), source, list(watermarks), fence)
+    if len({o.position_id for o in orders}) == len(orders):
+        # One statement does it all, atomically: no BEGIN and COMMIT round trips around it
+        # (what it did not close is looked up after it, which a commit does not change).
+        return await db.run(_close, list(orders), source, list(watermarks))
+    return await db.transaction(_close, list(orders), source, list(watermarks))
 
 
 async def _fenced_close(
@@ -364,20 +430,42 @@ async def _close(
     watermarks: list[Watermark],
 ) -> tuple[list[CloseResult], list[Event]]:
     results: list[CloseResult | None] = [None] * len(orders)
-    closed_all: list[Position] = []
-    for round_ in _rounds(orders):
+    events: list[Event] = []
+    rounds = _rounds(orders) or [[]]
+    marks = latest(watermarks)
+    for number, round_ in enumerate(rounds, start=1):
         round_.sort(key=lambda item: item[1].position_id)  # a fixed row-lock order
         unique = [order for _, order in round_]
-        rows = await conn.fetch(
-            _CLOSE_SQL,
+        last = number == len(rounds)  # the watermarks go with the last round
+        columns: tuple[Any, ...] = (
             [o.position_id for o in unique],
             [o.price for o in unique],
             [o.reason for o in unique],
             [o.triggered_at for o in unique],
             [o.user_id for o in unique],
+            [o.recovered for o in unique],
+            [o.trade_id for o in unique],
         )
-        closed = {row["id"]: to_position(row) for row in rows}
-        closed_all += [closed[o.position_id] for o in unique if o.position_id in closed]
+        statement = _CLOSE_MANY_SQL
+        if len(unique) == 1:
+            statement, columns = _CLOSE_ONE_SQL, tuple(column[0] for column in columns)
+        rows = await conn.fetch(
+            statement,
+            *columns,
+            source,
+            [m.symbol for m in marks] if last else [],
+            [m.trade_id for m in marks] if last else [],
+            [m.time for m in marks] if last else [],
+        )
+        closed: dict[uuid.UUID, Position] = {}
+        for row in rows:
+            position = to_position(row)
+            closed[position.id] = position
+            event_id, seq, message = row[_EVENT_ID], row[_EVENT_ID + 1], row[_EVENT_ID + 2]
+            events.append(
+                Event(event_id, position.user_id, seq, "position.closed", message, position.id)
+            )
+        events.sort(key=_event_id)  # in id order: each user's seqs in order, as published
         missing = [o.position_id for o in unique if o.position_id not in closed]
         current: dict[uuid.UUID, Position] = {}
         if missing:
@@ -397,13 +485,11 @@ async def _close(
                 results[index] = CloseResult(pid, CloseOutcome.NOT_FOUND)
             else:
                 results[index] = CloseResult(pid, CloseOutcome.ALREADY_CLOSED, row)
-    recovered = {o.position_id for o in orders if o.recovered}
-    trade_ids = {o.position_id: o.trade_id for o in orders if o.trade_id is not None}
-    events = await _write_events(
-        conn, [("position.closed", source, p) for p in closed_all], recovered, trade_ids
-    )
-    await advance(conn, watermarks)
     return [r for r in results if r is not None], events
+
+
+def _event_id(event: Event) -> int:
+    return event.id
 
 
 async def advance_watermarks(
@@ -444,11 +530,13 @@ async def positions_by_id(db: Database, ids: Sequence[uuid.UUID]) -> list[Positi
 
 async def warm_up(conn: asyncpg.Connection) -> None:
     """Run every statement of a close on ``conn`` and roll it all back: asyncpg then holds them
-    prepared (its statement cache) with their types introspected, so the first close after
-    start-up pays no parse, plan or type look-up. Changes nothing: one close of an id that does
-    not exist (the UPDATE, then the look-up of what it did not close), the event and counter
-    inserts of a made-up closed position, a watermark of a made-up symbol and the outbox mark,
-    all in a transaction that is rolled back (only the events id sequence moves on)."""
+    prepared (its statement cache) with their types introspected, and this server process has
+    run them on real rows (the ``updated_at`` trigger compiled, the indexes' paths taken), so
+    the first close after start-up pays no parse, plan, type look-up or first-run cost.
+    Changes nothing: two made-up open positions are inserted and closed (one alone, one with an
+    id that does not exist: both forms of the close statement, and the look-up of what it did
+    not close), then the created-event insert, a watermark of a made-up symbol and the outbox
+    mark, all in a transaction that is rolled back (only the id sequences move on)."""
     now = datetime.now(UTC)
     ghost = Position(
         id=uuid.uuid4(),
@@ -457,21 +545,33 @@ async def warm_up(conn: asyncpg.Connection) -> None:
         side="long",
         entry_price=Decimal(1),
         take_profit=None,
-        stop_loss=Decimal(1),
-        status="closed",
-        close_price=Decimal(1),
-        close_reason="stop_loss",
+        stop_loss=Decimal("0.5"),
+        status="open",
+        close_price=None,
+        close_reason=None,
         created_at=now,
         updated_at=now,
-        closed_at=now,
-        triggered_at=now,
+        closed_at=None,
     )
-    order = CloseOrder(ghost.id, Decimal(1), "stop_loss", triggered_at=now)
+    twin = attrs.evolve(ghost, id=uuid.uuid4())
+    order = CloseOrder(ghost.id, Decimal("0.5"), "stop_loss", triggered_at=now, trade_id=0)
+    pair = [
+        CloseOrder(twin.id, Decimal("0.5"), "stop_loss", triggered_at=now, trade_id=0),
+        CloseOrder(uuid.uuid4(), Decimal("0.5"), "stop_loss", triggered_at=now),
+    ]
     transaction = conn.transaction()
     await transaction.start()
     try:
-        await _close(conn, [order], "engine", [])
-        events = await _write_events(conn, [("position.closed", "engine", ghost)])
+        await conn.execute(
+            """INSERT INTO positions (id, user_id, symbol, side, entry_price, stop_loss)
+               SELECT id, $2, $3, 'long', 1, 0.5 FROM unnest($1::uuid[]) AS g(id)""",
+            [ghost.id, twin.id],
+            ghost.user_id,
+            ghost.symbol,
+        )
+        await _close(conn, [order], "engine", [])  # the one-order statement
+        await _close(conn, pair, "engine", [])  # and the one for several
+        events = await _write_events(conn, [("position.created", "api", ghost)])
         await advance(conn, [Watermark(ghost.symbol, 0, now)])
         await conn.execute(_MARK_PUBLISHED_SQL, [e.id for e in events])
     finally:

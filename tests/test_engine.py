@@ -449,6 +449,30 @@ async def test_untrack_removes(autojump_clock) -> None:
         assert ids(request) == {b.id}
 
 
+async def test_tracks_and_untracks_queued_by_the_thousand_all_take_effect(autojump_clock) -> None:
+    """A cascade's Untracks (and a burst of creates' Tracks) queue up faster than the engine
+    takes them; it handles them in runs without a schedule point each (``INBOX_DRAIN``): every
+    one of them counts, in order, and windows are still judged in between."""
+    n = 3 * engine.INBOX_DRAIN + 7
+    kept = [position(sl="90") for _ in range(n)]
+    gone = [position(sl="90") for _ in range(n)]
+    async with engine_running() as h:
+        for p in gone:
+            h.inbox.send_nowait(Track(p))
+        for p, q in zip(gone, kept, strict=True):
+            h.inbox.send_nowait(Untrack(p.id))
+            h.inbox.send_nowait(Track(q))
+        h.tick("95", 1)  # taken while the inbox is worked through
+        await until(lambda: h.inbox.pending() == 0 and h.stats.windows_judged >= 1)
+        await until(lambda: h.stats.positions_open == n)
+        h.tick("85", 2)
+        closed: set[uuid.UUID] = set()
+        while len(closed) < n:
+            _, request = await h.db.next_request()
+            closed |= ids(request)
+        assert closed == {p.id for p in kept}
+
+
 async def test_untrack_drops_a_pending_retry(autojump_clock) -> None:
     a = position(sl="90")
     async with engine_running(a) as h:

@@ -95,6 +95,49 @@ async def test_slow_session_is_dropped_with_1013_and_the_other_gets_everything(
     assert config.stats.sessions == 1
 
 
+async def test_a_burst_queued_at_once_reaches_every_session_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """More events than fanout takes in one run (``fanout.DRAIN``), queued before it runs, and a
+    Join among them: each is delivered once, in order, to the sessions joined before it."""
+    async with trio.open_nursery() as nursery:
+        inbox: Mailbox[object] = Mailbox("fanout")
+        await nursery.start(partial(fanout.run, inbox, config=FanoutConfig()))
+        await _burst(inbox)
+        nursery.cancel_scope.cancel()
+
+
+async def _burst(inbox: Mailbox[object]) -> None:
+    early, late = SessionQueue("alice"), SessionQueue("alice")
+    n = 2 * fanout.DRAIN + 5
+    inbox.send_nowait(Join(early))
+    for seq in range(1, n + 1):
+        inbox.send_nowait(Event(seq, "alice", seq, "position.created", str(seq)))
+        if seq == fanout.DRAIN + 1:
+            inbox.send_nowait(Join(late))
+    received: dict[SessionQueue, list[str]] = {early: [], late: []}
+    with trio.fail_after(5):
+        while inbox.pending() or early.queued_bytes or late.queued_bytes:
+            for session, messages in received.items():
+                messages += await _drain(session)
+            await trio.lowlevel.checkpoint()
+    assert received[early] == [str(seq) for seq in range(1, n + 1)]
+    assert received[late] == [str(seq) for seq in range(fanout.DRAIN + 2, n + 1)]
+
+
+async def test_the_queue_bound_counts_utf8_bytes_not_characters(
+    running: tuple[Mailbox[object], FanoutConfig],
+) -> None:
+    inbox, config = running  # a 1000-byte queue
+    session = SessionQueue("zoë")
+    await inbox.send(Join(session))
+    for seq in (1, 2):  # 400 characters, 800 bytes each: the second overflows
+        await inbox.send(Event(seq, "zoë", seq, "position.created", "é" * 400))
+    await _settle(inbox)
+    assert session.closed is not None and session.closed.code == 1013
+    assert config.stats.dropped_slow == 1
+
+
 async def test_the_default_queue_holds_a_10000_position_cascade(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

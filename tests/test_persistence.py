@@ -171,3 +171,32 @@ async def test_a_large_close_batch_commits_in_chunks_and_answers_every_id(db: Da
     assert stats.transactions - before == 3  # 9 orders, 3 per transaction
     closed = [e for e in drain(fanout) if e.type == "position.closed"]
     assert sorted(e.position_id for e in closed) == sorted(ids)
+
+
+async def test_marks_are_written_in_the_background_and_flushed_when_stopping(
+    db: Database,
+) -> None:
+    """The outbox mark is not in the path of the next transaction (a task of its own writes it)
+    but is never lost to a clean stop: persistence stopping with marks queued writes them
+    before it returns, so the next start has nothing to republish."""
+    inbox: Mailbox[Any] = Mailbox("persistence")
+    fanout: Mailbox[Any] = Mailbox("fanout")
+    engines = RecordingEngines(fanout)
+    stopping = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: persistence.run(
+                    inbox, db, fanout, engines, stopping=stopping, task_status=task_status
+                )
+            )
+            results = []
+            for _ in range(3):
+                results.append(await create(inbox, new()))
+            # Another close and the stop, queued together: the stop comes once it is handled.
+            pid = results[0].position.id
+            inbox.send_nowait(CloseRequest((CloseOrder(pid, Decimal("95"), "manual"),), "api"))
+            stopping.set()
+    assert [e.seq for e in drain(fanout)] == [1, 2, 3, 4]
+    assert await db.fetchval("SELECT count(*) FROM events") == 4
+    assert await db.fetchval("SELECT count(*) FROM events WHERE published_at IS NULL") == 0

@@ -452,7 +452,8 @@ async def test_warm_up_prepares_the_close_path_on_each_pooled_connection_and_cha
             nursery.start_soon(db.run, prepared)
     assert len(statements) == 3
     for held in statements:
-        assert writes._CLOSE_SQL in held
+        assert writes._CLOSE_ONE_SQL in held  # a tick's close
+        assert writes._CLOSE_MANY_SQL in held  # a cascade's
         assert writes._MARK_PUBLISHED_SQL in held
         assert any("INSERT INTO events" in s for s in held)
         assert any("INSERT INTO user_seq" in s for s in held)

@@ -142,6 +142,68 @@ def test_many_positions_at_one_level_all_close_and_only_those() -> None:
     assert len(index) == 50
 
 
+@pytest.mark.parametrize("side", ["long", "short"])
+def test_too_new_positions_inside_a_crossed_range_stay_in_the_index(side: str) -> None:
+    """Invariant 10 inside one crossed range: old and new positions at the same levels are
+    interleaved (ids sort at random), the window crosses them all, only the old ones close,
+    and the new ones stay watched (their entries are still there: a later window closes them,
+    and each can still be removed)."""
+    levels = ["90", "91", "92"] if side == "long" else ["110", "109", "108"]
+    old = [position(side, sl=lv, tp=None, created=5) for lv in levels for _ in range(40)]
+    new = [position(side, sl=lv, created=20) for lv in levels for _ in range(40)]
+    outside = [position(side, sl="50" if side == "long" else "150") for _ in range(30)]
+    index = TriggerIndex(old + new + outside)
+    crossing = window("89", "111", time=10)
+    got = index.judge(crossing)
+    assert key(got) == key(judge_linear(old + new + outside, crossing))
+    assert {t.position_id for t in got} == {p.id for p in old}
+    assert len(index) == len(new) + len(outside)
+    assert all(p.id in index for p in new)
+    index.add_many(_far_away(p) for p in old)  # no entry of theirs was left behind
+    assert index.judge(crossing) == []
+    later = index.judge(window("89", "111", time=20))
+    assert {t.position_id for t in later} == {p.id for p in new}
+    assert all(t.reason == "stop_loss" for t in later)
+    assert all(index.remove(p.id) for p in old)
+    assert set(index) == {p.id for p in outside}
+    assert all(index.remove(p.id) for p in outside)
+    assert len(index) == 0
+
+
+@pytest.mark.parametrize("untouched", [0, 500])  # the other list rebuilt, or entries removed
+def test_a_triggered_positions_other_entry_goes_too(untouched: int) -> None:
+    """Stops whose take-profit the window did not reach, takes whose stop it did not reach, and
+    positions crossed at both levels (stop loss wins): after the window, each closed
+    position is gone from both of its lists, whatever their size."""
+    stops = [position("long", sl="90", tp="120") for _ in range(60)]
+    takes = [position("short", sl="130", tp="95") for _ in range(60)]
+    both = [position("long", sl="92", tp="98") for _ in range(60)]
+    idle = [position(s, sl=sl, tp=tp) for s, sl, tp in [("long", "10", "1000")] * untouched]
+    idle += [position(s, sl=sl, tp=tp) for s, sl, tp in [("short", "1000", "10")] * untouched]
+    everyone = stops + takes + both + idle
+    index = TriggerIndex(everyone)
+    crossing = window("89", "99")
+    got = index.judge(crossing)
+    assert key(got) == key(judge_linear(everyone, crossing))
+    assert {t.position_id for t in got if t.reason == "stop_loss"} == {p.id for p in stops + both}
+    assert len(index) == len(idle)
+    # No entry of a closed position is left behind: watched again with levels far away, none
+    # of them closes on the same window (a stale entry would close it at its old level).
+    index.add_many(_far_away(p) for p in stops + takes + both)
+    assert index.judge(window("89", "130")) == []  # every old level, none of the new ones
+    assert {t.position_id for t in index.judge(window("0.00000001", "100000"))} == {
+        p.id for p in everyone
+    }
+    assert len(index) == 0
+
+
+def _far_away(p: Position) -> Position:
+    """The same position with levels no test window reaches."""
+    if p.side == "long":
+        return attrs.evolve(p, stop_loss=Decimal("0.00000001"), take_profit=Decimal("100000"))
+    return attrs.evolve(p, stop_loss=Decimal("100000"), take_profit=Decimal("0.00000001"))
+
+
 def test_a_closed_position_is_refused() -> None:
     p = position("long", sl="90")
     closed = attrs.evolve(p, status="closed")

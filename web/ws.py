@@ -229,9 +229,10 @@ async def _replay(
 async def _forward(session: SessionQueue) -> None:
     """Send what fanout queued for this session until it is closed, then close the socket
     with the session's code."""
+    send = websocket.send  # resolved once: ``websocket`` is a context-local proxy
     try:
         while True:
-            await websocket.send(await session.next_message())
+            await send(await session.next_message())
     except SessionClosed as closed:
         await websocket.close(closed.code, closed.reason)
 
