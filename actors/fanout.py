@@ -28,8 +28,6 @@ log = logging.getLogger("tickguard.fanout")
 
 # Large enough for a stop cascade of 10,000 positions (about 600 bytes per event).
 DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024
-# Messages taken in a row without a schedule point (``receive`` is one per message).
-DRAIN = 512
 
 
 @attrs.define
@@ -93,15 +91,11 @@ async def run(
 
     try:
         while True:
+            # One schedule point per message (``receive``): each session's sender runs between
+            # two events, so a reading client keeps up with a burst however small its queue.
+            # Taking runs of queued messages without one (tried for cascades, issue 16) let a
+            # burst overflow a small queue of a client that was reading.
             await take(await inbox.receive())
-            # What queued meanwhile (a committed cascade's events come by the thousand), in
-            # runs without a schedule point per message; bounded, so sessions send in between.
-            for _ in range(DRAIN - 1):
-                try:
-                    message = inbox.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                await take(message)
     except trio.Cancelled:
         close_code, close_reason = GOING_AWAY, "server shutting down"
         raise

@@ -7,9 +7,10 @@ fewer, larger transactions. A reply always means "committed" (or is an error / F
 
 After a commit it hands the committed events to fanout in commit order, then tells the symbol's
 engine (``Track`` after the created event is queued, invariant 9; ``Untrack`` on every close),
-answers the requests, and has the events marked published (in the background: a task of its
-own marks everything published meanwhile in one statement, so the next transaction never waits
-for it; a mark not written only republishes those events, which fanout drops). On start, and
+answers the requests, and has the events marked published: a create's in line (the creates
+arriving meanwhile form the next group), a close's in the background (a task of its own marks
+everything queued in one statement, so a cascade's next transaction never waits for it); a mark
+not written only republishes those events, which fanout drops. On start, and
 after any database error (the commit may have happened with its acknowledgement lost), it first
 publishes every event still marked unpublished, so no committed event is lost; fanout drops an
 event it already delivered (by per-user ``seq``), so none is delivered twice.
@@ -255,7 +256,10 @@ class _Persistence:
                 self.engines.send(result.position.symbol, Track(result.position))
         for request, result in zip(requests, results, strict=True):
             self.inbox.answer(request, result)
-        await self.mark(events)
+        # Creates mark in line: the creates that arrive meanwhile form the next, larger group.
+        # In the background, the groups halved and a create cost 12% more CPU (issue 16,
+        # docs/DECISIONS.md); a cascade's closes mark in the background, off their chain.
+        await self.mark(events, now=True)
 
     async def isolate(
         self,
@@ -354,12 +358,16 @@ class _Persistence:
         for event in events:
             self.fanout.send_nowait(event)
 
-    async def mark(self, events: Sequence[Event]) -> None:
-        """Queue published events to be marked published (``mark_forever`` writes it)."""
+    async def mark(self, events: Sequence[Event], *, now: bool = False) -> None:
+        """Queue published events to be marked published: ``mark_forever`` writes them in the
+        background, or (``now``) this call does, with everything queued so far."""
         await fault_points.hit(self.faults, "persistence.before_mark_published")
         if events:
             self.unmarked += [e.id for e in events]
-            self._marks_due.set()
+            if now:
+                await self.flush_marks()
+            else:
+                self._marks_due.set()
 
     async def mark_forever(self) -> None:
         """Mark what ``mark`` queued, everything queued so far in one statement, until

@@ -465,7 +465,11 @@ async def _close(
             events.append(
                 Event(event_id, position.user_id, seq, "position.closed", message, position.id)
             )
-        events.sort(key=_event_id)  # in id order: each user's seqs in order, as published
+        # Published in position-id order: each user's seqs rise (they were drawn in that order)
+        # and the users interleave, as the closes did. Grouped by user (id order), a cascade
+        # reached each client as one burst at fanout's full rate, and reading clients with a
+        # small queue were closed as slow (tests/test_faults.py, the 1013 scenario).
+        events.sort(key=_position_order)
         missing = [o.position_id for o in unique if o.position_id not in closed]
         current: dict[uuid.UUID, Position] = {}
         if missing:
@@ -488,8 +492,9 @@ async def _close(
     return [r for r in results if r is not None], events
 
 
-def _event_id(event: Event) -> int:
-    return event.id
+def _position_order(event: Event) -> int:
+    assert event.position_id is not None
+    return event.position_id.int
 
 
 async def advance_watermarks(

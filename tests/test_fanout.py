@@ -98,8 +98,8 @@ async def test_slow_session_is_dropped_with_1013_and_the_other_gets_everything(
 async def test_a_burst_queued_at_once_reaches_every_session_in_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """More events than fanout takes in one run (``fanout.DRAIN``), queued before it runs, and a
-    Join among them: each is delivered once, in order, to the sessions joined before it."""
+    """A burst of events queued before fanout runs, and a Join among them: each is delivered
+    once, in order, to the sessions joined before it."""
     async with trio.open_nursery() as nursery:
         inbox: Mailbox[object] = Mailbox("fanout")
         await nursery.start(partial(fanout.run, inbox, config=FanoutConfig()))
@@ -107,13 +107,16 @@ async def test_a_burst_queued_at_once_reaches_every_session_in_order(
         nursery.cancel_scope.cancel()
 
 
+BURST = 512
+
+
 async def _burst(inbox: Mailbox[object]) -> None:
     early, late = SessionQueue("alice"), SessionQueue("alice")
-    n = 2 * fanout.DRAIN + 5
+    n = 2 * BURST + 5
     inbox.send_nowait(Join(early))
     for seq in range(1, n + 1):
         inbox.send_nowait(Event(seq, "alice", seq, "position.created", str(seq)))
-        if seq == fanout.DRAIN + 1:
+        if seq == BURST + 1:
             inbox.send_nowait(Join(late))
     received: dict[SessionQueue, list[str]] = {early: [], late: []}
     with trio.fail_after(5):
@@ -122,7 +125,7 @@ async def _burst(inbox: Mailbox[object]) -> None:
                 messages += await _drain(session)
             await trio.lowlevel.checkpoint()
     assert received[early] == [str(seq) for seq in range(1, n + 1)]
-    assert received[late] == [str(seq) for seq in range(fanout.DRAIN + 2, n + 1)]
+    assert received[late] == [str(seq) for seq in range(BURST + 2, n + 1)]
 
 
 async def test_the_queue_bound_counts_utf8_bytes_not_characters(

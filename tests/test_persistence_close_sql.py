@@ -123,15 +123,19 @@ async def test_a_manual_close_and_a_repeated_id_number_their_events_in_order(
 
 
 def _assert_numbered(events: list[Event], *, first_seq: int) -> None:
-    """Each user's events: seqs consecutive from ``first_seq``, in the order of their ids, and
-    the list itself in id order (persistence publishes it in that order)."""
-    assert [e.id for e in events] == sorted(e.id for e in events)
+    """The list in position-id order (persistence publishes it in that order, users
+    interleaved), and each user's events in it with ids rising and seqs consecutive from
+    ``first_seq``."""
+    assert [e.position_id for e in events] == sorted(
+        (e.position_id for e in events), key=lambda pid: pid.int if pid else 0
+    )
     by_user: dict[str, list[Event]] = {}
     for event in events:
         by_user.setdefault(event.user_id, []).append(event)
     for user_events in by_user.values():
         seqs = [e.seq for e in user_events]
         assert seqs == list(range(first_seq, first_seq + len(seqs)))
+        assert [e.id for e in user_events] == sorted(e.id for e in user_events)
 
 
 async def test_one_close_alone_uses_its_own_statement_and_writes_the_same(db: Database) -> None:
