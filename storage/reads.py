@@ -71,9 +71,9 @@ _POSITIONS_PAGE = """SELECT {columns} FROM positions
     WHERE user_id = {user} AND ({status}::text IS NULL OR status = {status})
       AND ({at}::timestamptz IS NULL OR (created_at, id) < ({at}, {id}::uuid))
     ORDER BY created_at DESC, id DESC LIMIT {fetch}"""
-_LIST_POSITIONS = _POSITIONS_PAGE.replace("{user}", "$1").replace("{status}", "$2")
-_LIST_POSITIONS = _LIST_POSITIONS.replace("{at}", "$3").replace("{id}", "$4")
-_LIST_POSITIONS = _LIST_POSITIONS.replace("{fetch}", "$5")
+_LIST_POSITIONS = _POSITIONS_PAGE.format_map(
+    {"user": "$1", "status": "$2", "at": "$3", "id": "$4", "fetch": "$5", "columns": "{columns}"}
+)
 _LIST_CLOSED = """SELECT {columns} FROM positions
     WHERE user_id = $1 AND status = 'closed'
       AND ($2::timestamptz IS NULL OR (closed_at, id) < ($2, $3::uuid))
