@@ -120,7 +120,9 @@ async def _burst(inbox: Mailbox[object]) -> None:
             inbox.send_nowait(Join(late))
     received: dict[SessionQueue, list[str]] = {early: [], late: []}
     with trio.fail_after(5):
-        while inbox.pending() or early.queued_bytes or late.queued_bytes:
+        # Until the last event reached the early session (fanout may still hold it when its
+        # inbox is already empty), and nothing is left queued.
+        while len(received[early]) < n or early.queued_bytes or late.queued_bytes:
             for session, messages in received.items():
                 messages += await _drain(session)
             await trio.lowlevel.checkpoint()
