@@ -186,7 +186,18 @@ async def open_pool(
                 min_size=min_size,
                 max_size=max_size,
                 timeout=timeout,
-                command_timeout=max(timeout * 6, 30.0),
+                # No asyncpg timers per call (issue 16, session 5). Each is an asyncio
+                # ``call_later`` that trio-asyncio keeps, cancelled, until it would have fired,
+                # holding the caller's context (a request and all it built) alive that long:
+                # with a statement timer of 30 s and a release timer of 300 s, tens of
+                # thousands of finished requests, walked by every full collection.
+                # ``Database.run`` bounds every call with a Trio deadline instead (and drops a
+                # connection cancelled mid-query); the statement timer would also have cut the
+                # longer calls (retention's 60 s) at its own 30 s. Idle connections stay
+                # open (the pool is small), and prepared statements are evicted by count only.
+                command_timeout=None,
+                max_inactive_connection_lifetime=0,
+                max_cached_statement_lifetime=0,
                 reset=_keep_session,
             )
     except trio.TooSlowError as exc:

@@ -477,3 +477,38 @@ async def test_a_released_connection_comes_back_without_a_transaction(database_u
         with pytest.raises(LookupError):
             await one.transaction(_insert_then_fail)
         assert await one.run(_session_state) == (False, 0)
+
+
+async def test_a_finished_call_keeps_nothing_of_its_callers_context_alive(db: Database) -> None:
+    """A request's context (Quart's request and all it built) must die with the request, not
+    wait in a cancelled timer of the database driver (issue 16: asyncpg's per-statement
+    timer, kept by trio-asyncio until it would have fired, held every request of the last
+    30 s alive, and full collections walked them all)."""
+    import contextvars
+    import gc
+    import weakref
+
+    class RequestState:
+        pass
+
+    held: contextvars.ContextVar[RequestState] = contextvars.ContextVar("held")
+
+    async def one_request() -> weakref.ref[RequestState]:
+        state = RequestState()
+        held.set(state)
+        for _ in range(3):
+            assert await db.fetchval("SELECT 1") == 1
+        await db.transaction(lambda conn: conn.execute("SELECT 1"))
+        return weakref.ref(state)
+
+    refs = []
+    for _ in range(5):
+        async with trio.open_nursery() as nursery:  # each "request" in a task of its own
+
+            async def run() -> None:
+                refs.append(await one_request())
+
+            nursery.start_soon(run)
+    await trio.sleep(0.05)  # let the asyncio side finish its callbacks
+    gc.collect()
+    assert [r() for r in refs] == [None] * 5
