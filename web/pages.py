@@ -19,16 +19,24 @@ from tickguard.web.batched import BatchedReads
 PAGE_READER = "tickguard.page_reader"
 # Pages per query: 64 pages of 100 positions are ~2 MB of JSON, read in one round trip.
 MAX_BATCH = 64
+# Page reads running at once: two, so that PostgreSQL can work on two cores (web.batched).
+MAX_IN_FLIGHT = 2
 
 
 class PageReader(BatchedReads[PageAsk, tuple[str, str | None]]):
     """Position pages (JSON text and next cursor) read for many waiting requests at once."""
 
-    def __init__(self, db: ReadOnlyDatabase, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        db: ReadOnlyDatabase,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
         async def read(asks: list[PageAsk]) -> list[tuple[str, str | None]]:
             return await list_positions_json_many(db, asks)
 
-        super().__init__(read, max_batch=max_batch)
+        super().__init__(read, max_batch=max_batch, max_in_flight=max_in_flight)
 
 
 def page_reader(app: Quart) -> PageReader:
