@@ -9,9 +9,9 @@ waiting (up to ``max_batch``), and calls ``read(keys)`` once; the others wait fo
 read ends, the first caller still waiting leads the next one. Callers that arrive while reads
 run go into a later read, so every answer comes from a query that started after its caller
 asked (a client reads its own writes). With one read in flight (the default) the database
-works on one query of the batch's while the next batch gathers; with two, a second query can
-run on a second core meanwhile (the page reads: at one in flight, the server waited on
-PostgreSQL a third of the time under load, issue 16).
+runs one batch's query at a time while the next batch gathers; with two, a second query can
+run on another core meanwhile (the page reads: with one, the server waited on PostgreSQL a
+third of the time under load, issue 16).
 
 A read that fails with ``DatabaseUnavailable`` fails everyone in it. Any other failure is
 taken as one caller's input upsetting a query that serves many (invariant 13: one request may
