@@ -54,7 +54,9 @@ def test_a_settled_heap_is_frozen_and_collects_its_young_generation_less_often()
         supervisor.settle_heap()
         assert gc.get_freeze_count() >= len(built)
         assert gc.get_threshold() == (supervisor.GC_YOUNG_THRESHOLD, *before[1:])
-        assert supervisor.GC_YOUNG_THRESHOLD > before[0]
+        # Wider than CPython's default (the process may have settled before: other tests
+        # serve in-process).
+        assert supervisor.GC_YOUNG_THRESHOLD > 700
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
