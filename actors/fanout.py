@@ -70,32 +70,30 @@ async def run(
     task_status.started()
     close_code, close_reason = SERVICE_RESTART, "realtime gateway restarting"
 
-    async def take(message: Event | Join | Leave) -> None:
-        if isinstance(message, Event):
-            await fault_points.hit(faults, "fanout.before_deliver")
-            if message.seq <= delivered.get(message.user_id, 0):
-                stats.duplicates += 1
-                return
-            delivered[message.user_id] = message.seq
-            _deliver(by_user, message, config)
-        elif isinstance(message, Join):
-            if message.queue.closed is None:
-                group = by_user.setdefault(message.queue.user_id, set())
-                if message.queue not in group:
-                    group.add(message.queue)
-                    stats.sessions += 1
-        elif isinstance(message, Leave):
-            _remove(by_user, message.queue, stats)
-        else:
-            log.warning("fanout ignored an unexpected message: %r", message)
-
     try:
         while True:
             # One schedule point per message (``receive``): each session's sender runs between
             # two events, so a reading client keeps up with a burst however small its queue.
             # Taking runs of queued messages without one (tried for cascades, issue 16) let a
             # burst overflow a small queue of a client that was reading.
-            await take(await inbox.receive())
+            message = await inbox.receive()
+            if isinstance(message, Event):
+                await fault_points.hit(faults, "fanout.before_deliver")
+                if message.seq <= delivered.get(message.user_id, 0):
+                    stats.duplicates += 1
+                    continue
+                delivered[message.user_id] = message.seq
+                _deliver(by_user, message, config)
+            elif isinstance(message, Join):
+                if message.queue.closed is None:
+                    group = by_user.setdefault(message.queue.user_id, set())
+                    if message.queue not in group:
+                        group.add(message.queue)
+                        stats.sessions += 1
+            elif isinstance(message, Leave):
+                _remove(by_user, message.queue, stats)
+            else:
+                log.warning("fanout ignored an unexpected message: %r", message)
     except trio.Cancelled:
         close_code, close_reason = GOING_AWAY, "server shutting down"
         raise

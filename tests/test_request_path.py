@@ -3,12 +3,14 @@ id, its echo and the access line stay; methods, paths and bodies reach the app's
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import httpx
 import pytest
 from web_harness import running_stack
 
+from tickguard import supervisor
 from tickguard.storage import Database
 from tickguard.wire import loads
 
@@ -44,10 +46,6 @@ def test_a_settled_heap_is_frozen_and_collects_its_young_generation_less_often()
     """``supervisor.settle_heap`` (issue 16): what start-up built leaves the collector's walks,
     and generation 0 is collected every ``GC_YOUNG_THRESHOLD`` net allocations instead of 700,
     so the garbage of requests in flight is not promoted to the old generations."""
-    import gc
-
-    from tickguard import supervisor
-
     before = gc.get_threshold()
     built = [[n] for n in range(1000)]  # tracked objects alive at "start-up"
     try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import gc
 import uuid
+import weakref
 from decimal import Decimal
 
 import asyncpg
@@ -484,9 +487,6 @@ async def test_a_finished_call_keeps_nothing_of_its_callers_context_alive(db: Da
     wait in a cancelled timer of the database driver (issue 16: asyncpg's per-statement
     timer, kept by trio-asyncio until it would have fired, held every request of the last
     30 s alive, and full collections walked them all)."""
-    import contextvars
-    import gc
-    import weakref
 
     class RequestState:
         pass
