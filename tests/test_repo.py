@@ -206,6 +206,18 @@ def test_ci_script_is_executable_bash() -> None:
     assert syntax.returncode == 0, syntax.stderr
 
 
+def test_ci_script_pipes_into_nothing_that_stops_reading_early() -> None:
+    """Under pipefail, `cmd | head -n 1` fails whenever head exits before cmd has written all
+    it has: cmd dies of SIGPIPE (141) and `set -e` ends CI at that line. It happened once, on
+    `make --version | head -n 1` (7 in 500 tries on this machine)."""
+    early = re.compile(r"\|\s*(head\b|grep\s+(-\w*[qm]\w*\b|--quiet|--max-count))")
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    offending = [ln for ln in lines if not ln.lstrip().startswith("#") and early.search(ln)]
+    assert offending == []
+    assert early.search("make --version | head -n 1")
+    assert early.search("ps | grep -q x") and not early.search("make --version | sed -n 1p")
+
+
 def _pins() -> dict[str, str]:
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
